@@ -1,0 +1,364 @@
+"""HTTP caching rules for the fallback store: RFC 9111 (caching) and RFC 5861 (stale-if-error).
+
+Pure functions over header values; times are float seconds (wall-clock epoch for HTTP dates,
+durations otherwise). Nothing here reads a clock or keeps state. The store calls these once
+when a response's headers arrive (may it be stored? its freshness lifetime and initial age)
+and once per lookup (what the request allows, may the entry be served as stale-if-error).
+
+Deliberate choices, all on the side of serving less:
+- only heuristically cacheable statuses are stored (DESIGN §6), even with explicit freshness;
+- the heuristic freshness lifetime is 0: without `max-age`/`s-maxage`/`Expires` a response is
+  stale as soon as it is stored, and only `stale_if_error` decides how long it may serve;
+- an invalid `max-age`/`s-maxage`/`Expires` means "already stale" (RFC 9111 §4.2.1), an
+  invalid `stale-if-error` or `max-stale` value means 0 seconds;
+- a response that could never be served under the current policy (`must-revalidate` or
+  `no-cache` without `override_revalidate`, `s-maxage`/`proxy-revalidate` in the shared
+  partition) is not stored at all: the store exists only to serve on error.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import functools
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from multidict import MultiMapping
+
+from proxy.config.model import FallbackPolicy
+
+# RFC 9110 §15.1: statuses a cache may store without explicit freshness information.
+HEURISTICALLY_CACHEABLE: frozenset[int] = frozenset(
+    (200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501)
+)
+
+# RFC 9110 §7.6.1 plus the proxy-only ones DESIGN §5 removes both ways. `Age` is also never
+# stored: the current age is recomputed when the entry is served.
+HOP_BY_HOP: frozenset[str] = frozenset(
+    (
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+    )
+)
+_NOT_STORED_HEADERS: frozenset[str] = HOP_BY_HOP | {"age"}
+
+# RFC 9111 §1.2.2: delta-seconds larger than this are capped to it.
+DELTA_SECONDS_MAX = 2_147_483_648
+
+
+class Refusal(StrEnum):
+    """Why a response is not stored, or a stored entry not served (for logs and tests)."""
+
+    METHOD = "method"  # not in fallback.methods
+    STATUS = "status"  # not heuristically cacheable (RFC 9110 §15.1)
+    NO_BODY_HASH = "no-body-hash"  # a non-GET/HEAD body that was streamed, not hashed
+    NO_STORE = "no-store"  # request or response no-store (RFC 9111 §5.2.1.5, §5.2.2.5)
+    VARY_ANY = "vary-any"  # Vary: * (RFC 9111 §4.1)
+    SET_COOKIE = "set-cookie"  # Set-Cookie without store_set_cookie
+    PRIVATE = "private"  # private in the shared partition (RFC 9111 §5.2.2.7)
+    TOO_LARGE = "too-large"  # Content-Length beyond max_entry_bytes
+    MUST_REVALIDATE = "must-revalidate"  # RFC 9111 §5.2.2.2
+    NO_CACHE = "no-cache"  # response no-cache, unqualified (RFC 9111 §5.2.2.4)
+    S_MAXAGE = "s-maxage"  # shared partition (RFC 9111 §5.2.2.10)
+    PROXY_REVALIDATE = "proxy-revalidate"  # shared partition (RFC 9111 §5.2.2.8)
+    TOO_STALE = "too-stale"  # beyond stale_if_error / the response's stale-if-error=N
+    REQUEST_NO_CACHE = "request-no-cache"  # RFC 9111 §5.2.1.4
+    REQUEST_NO_STORE = "request-no-store"  # RFC 9111 §5.2.1.5
+    MAX_STALE = "max-stale"  # request max-stale below the staleness (RFC 9111 §5.2.1.2)
+
+
+def parse_directives(values: Iterable[str]) -> dict[str, str | None]:
+    """Cache-Control directives (RFC 9111 §5.2), names lower-cased, quoted values unquoted.
+
+    Several field lines form one list; for a repeated directive the first occurrence wins
+    (RFC 9111 §4.2.1). A directive without `=` maps to None.
+    """
+    out: dict[str, str | None] = {}
+    for value in values:
+        i, n = 0, len(value)
+        while i < n:
+            while i < n and value[i] in " \t,":
+                i += 1
+            if i >= n:
+                break
+            start = i
+            while i < n and value[i] not in "=,":
+                i += 1
+            name = value[start:i].strip().lower()
+            arg: str | None = None
+            if i < n and value[i] == "=":
+                i += 1
+                while i < n and value[i] in " \t":
+                    i += 1
+                if i < n and value[i] == '"':
+                    i += 1
+                    buf: list[str] = []
+                    while i < n and value[i] != '"':
+                        if value[i] == "\\" and i + 1 < n:
+                            i += 1
+                        buf.append(value[i])
+                        i += 1
+                    arg = "".join(buf)
+                    while i < n and value[i] != ",":
+                        i += 1
+                else:
+                    start = i
+                    while i < n and value[i] != ",":
+                        i += 1
+                    arg = value[start:i].strip()
+            if name and name not in out:
+                out[name] = arg
+    return out
+
+
+def delta_seconds(arg: str | None) -> int | None:
+    """RFC 9111 §1.2.2 delta-seconds: ASCII digits only, capped at 2^31; else None."""
+    if arg is None or not arg or not arg.isascii() or not arg.isdigit():
+        return None
+    return min(int(arg), DELTA_SECONDS_MAX)
+
+
+@functools.lru_cache(maxsize=256)
+def parse_http_date(value: str) -> float | None:
+    """An HTTP-date (RFC 9110 §5.6.7: IMF-fixdate, RFC 850 or asctime) as epoch seconds.
+
+    Memoised: responses within the same second carry the same Date."""
+    parsed = email.utils.parsedate_tz(value)
+    if parsed is None:
+        return None
+    try:
+        return float(email.utils.mktime_tz(parsed))
+    except (OverflowError, ValueError):
+        return None
+
+
+def _field_names(arg: str | None) -> frozenset[str]:
+    if not arg:
+        return frozenset()
+    return frozenset(name.strip().lower() for name in arg.split(",") if name.strip())
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseDirectives:
+    """The response Cache-Control directives the store acts on, parsed once at store time."""
+
+    no_store: bool = False
+    no_cache: bool = False  # unqualified: never reused without revalidation
+    no_cache_fields: frozenset[str] = frozenset()  # qualified: these fields are never reused
+    private: bool = False  # unqualified
+    private_fields: frozenset[str] = frozenset()  # qualified: kept out of a shared cache
+    must_revalidate: bool = False
+    proxy_revalidate: bool = False
+    max_age: int | None = None  # seconds; None: absent
+    s_maxage: int | None = None  # seconds; None: absent
+    stale_if_error: int | None = None  # RFC 5861 §4, seconds; None: absent
+
+
+NO_RESPONSE_DIRECTIVES = ResponseDirectives()
+
+
+def response_directives(headers: MultiMapping[str]) -> ResponseDirectives:
+    values = headers.getall("cache-control", ())
+    if not values:
+        return NO_RESPONSE_DIRECTIVES
+    d = parse_directives(values)
+    no_cache = "no-cache" in d
+    private = "private" in d
+    max_age = s_maxage = sie = None
+    if "max-age" in d:
+        max_age = delta_seconds(d["max-age"]) or 0
+    if "s-maxage" in d:
+        s_maxage = delta_seconds(d["s-maxage"]) or 0
+    if "stale-if-error" in d:
+        sie = delta_seconds(d["stale-if-error"]) or 0
+    return ResponseDirectives(
+        no_store="no-store" in d,
+        no_cache=no_cache and not d["no-cache"],
+        no_cache_fields=_field_names(d["no-cache"]) if no_cache else frozenset(),
+        private=private and not d["private"],
+        private_fields=_field_names(d["private"]) if private else frozenset(),
+        must_revalidate="must-revalidate" in d,
+        proxy_revalidate="proxy-revalidate" in d,
+        max_age=max_age,
+        s_maxage=s_maxage,
+        stale_if_error=sie,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDirectives:
+    """What the client's request allows a stale-if-error answer to be."""
+
+    no_cache: bool = False
+    no_store: bool = False
+    max_stale: float | None = None  # seconds; None: absent; inf: any staleness
+
+
+NO_REQUEST_DIRECTIVES = RequestDirectives()
+
+
+def request_directives(headers: MultiMapping[str]) -> RequestDirectives:
+    """Request Cache-Control; `Pragma: no-cache` counts as no-cache when Cache-Control is
+    absent (HTTP/1.0 clients, RFC 7234 §5.4)."""
+    values = headers.getall("cache-control", ())
+    if not values:
+        for pragma in headers.getall("pragma", ()):
+            if "no-cache" in parse_directives((pragma,)):
+                return RequestDirectives(no_cache=True)
+        return NO_REQUEST_DIRECTIVES
+    d = parse_directives(values)
+    max_stale: float | None = None
+    if "max-stale" in d:
+        arg = d["max-stale"]
+        max_stale = math.inf if arg is None else float(delta_seconds(arg) or 0)
+    return RequestDirectives(
+        no_cache="no-cache" in d, no_store="no-store" in d, max_stale=max_stale
+    )
+
+
+def freshness_lifetime(
+    cc: ResponseDirectives, *, shared: bool, date_value: float, expires: str | None
+) -> float:
+    """RFC 9111 §4.2.1, seconds: s-maxage (shared cache only), else max-age, else
+    Expires - Date, else 0 (no heuristic freshness: stale once stored)."""
+    if shared and cc.s_maxage is not None:
+        return float(cc.s_maxage)
+    if cc.max_age is not None:
+        return float(cc.max_age)
+    if expires is not None:
+        expires_at = parse_http_date(expires)
+        if expires_at is None:
+            return 0.0
+        return max(0.0, expires_at - date_value)
+    return 0.0
+
+
+def parse_age(values: Sequence[str]) -> float:
+    """The Age field (RFC 9111 §5.1): first list member; invalid or absent → 0."""
+    if not values:
+        return 0.0
+    seconds = delta_seconds(values[0].split(",", 1)[0].strip())
+    return float(seconds) if seconds is not None else 0.0
+
+
+def initial_age(
+    *, age_value: float, date_value: float, response_time: float, response_delay: float
+) -> float:
+    """RFC 9111 §4.2.3 corrected_initial_age, seconds:
+    max(max(0, response_time - date_value), age_value + response_delay).
+
+    `response_time` and `date_value` are wall-clock epoch seconds; `response_delay` is
+    response_time - request_time, measured on the monotonic clock. The current age is this
+    plus the resident time (now - response_time).
+    """
+    apparent_age = max(0.0, response_time - date_value)
+    corrected_age_value = age_value + max(0.0, response_delay)
+    return max(apparent_age, corrected_age_value)
+
+
+def staleness(current_age: float, lifetime: float) -> float:
+    """Seconds beyond the freshness lifetime: max(0, current_age - freshness_lifetime)."""
+    return max(0.0, current_age - lifetime)
+
+
+def never_servable(
+    cc: ResponseDirectives, policy: FallbackPolicy, *, shared: bool
+) -> Refusal | None:
+    """A response-level prohibition on serving stale (RFC 9111 §4.2.4), whatever its age."""
+    if not policy.override_revalidate:
+        if cc.must_revalidate:
+            return Refusal.MUST_REVALIDATE
+        if cc.no_cache:
+            return Refusal.NO_CACHE
+    if shared:
+        if cc.s_maxage is not None:
+            return Refusal.S_MAXAGE
+        if cc.proxy_revalidate:
+            return Refusal.PROXY_REVALIDATE
+    return None
+
+
+def refuse_to_store(
+    *,
+    method: str,
+    status: int,
+    cc: ResponseDirectives,
+    request: RequestDirectives,
+    response_headers: MultiMapping[str],
+    vary: tuple[str, ...],
+    policy: FallbackPolicy,
+    shared: bool,
+) -> Refusal | None:
+    """Why this response must not be stored as a fallback, or None if it may be (RFC 9111 §3,
+    DESIGN §6 "Fallback store")."""
+    if method not in policy.methods:
+        return Refusal.METHOD
+    if status not in HEURISTICALLY_CACHEABLE:
+        return Refusal.STATUS
+    if cc.no_store or request.no_store:
+        return Refusal.NO_STORE
+    if "*" in vary:
+        return Refusal.VARY_ANY
+    if not policy.store_set_cookie and "set-cookie" in response_headers:
+        return Refusal.SET_COOKIE
+    if shared and cc.private:
+        return Refusal.PRIVATE
+    return never_servable(cc, policy, shared=shared)
+
+
+def max_staleness(cc: ResponseDirectives, policy: FallbackPolicy) -> float:
+    """The most staleness an entry may ever be served at, seconds:
+    min(fallback.stale_if_error, the response's stale-if-error=N if present) (RFC 5861 §4)."""
+    if cc.stale_if_error is None:
+        return policy.stale_if_error
+    return min(policy.stale_if_error, float(cc.stale_if_error))
+
+
+def refuse_to_serve(
+    *,
+    stale_for: float,
+    cc: ResponseDirectives,
+    request: RequestDirectives,
+    policy: FallbackPolicy,
+    shared: bool,
+) -> Refusal | None:
+    """Why an entry `stale_for` seconds stale must not answer this request on error, or None
+    (RFC 9111 §4.2.4, §5.2.1, RFC 5861 §4, DESIGN §6 "Fallback serving").
+
+    TOO_STALE is the only refusal that grows with time: such an entry can be dropped.
+    """
+    refusal = never_servable(cc, policy, shared=shared)
+    if refusal is not None:
+        return refusal
+    if request.no_cache:
+        return Refusal.REQUEST_NO_CACHE
+    if request.no_store:
+        return Refusal.REQUEST_NO_STORE
+    if stale_for > max_staleness(cc, policy):
+        return Refusal.TOO_STALE
+    if request.max_stale is not None and stale_for > request.max_stale:
+        return Refusal.MAX_STALE
+    return None
+
+
+def storable_headers(
+    headers: MultiMapping[str], *, drop: frozenset[str] = frozenset()
+) -> tuple[tuple[str, str], ...]:
+    """The response's headers as (name, value) pairs to store, in order, without hop-by-hop
+    fields, the fields `Connection` names, `Age`, and `drop` (lower-case names)."""
+    excluded = _NOT_STORED_HEADERS | drop
+    connection = headers.getall("connection", ())
+    if connection:
+        excluded = excluded | {
+            token.strip().lower() for value in connection for token in value.split(",")
+        }
+    return tuple((name, value) for name, value in headers.items() if name.lower() not in excluded)
