@@ -1,0 +1,34 @@
+"""Helpers for config tests: load YAML text with an explicit environment, list problems."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable, Mapping
+
+import pytest
+
+from proxy.config import Config, ConfigInvalid, load_config_text
+
+SOURCE = "config/proxy.yaml"
+
+
+def load(text: str, env: Mapping[str, str] | None = None) -> Config:
+    """Load dedented YAML text as if it were config/proxy.yaml, with `env` (default: empty)."""
+    return load_config_text(textwrap.dedent(text), source=SOURCE, env=env or {})
+
+
+def problems(text: str, env: Mapping[str, str] | None = None) -> list[str]:
+    """Every problem line for a config that must be invalid."""
+    with pytest.raises(ConfigInvalid) as caught:
+        load(text, env)
+    return [str(p) for p in caught.value.problems]
+
+
+@pytest.fixture
+def load_yaml() -> Callable[..., Config]:
+    return load
+
+
+@pytest.fixture
+def problems_of() -> Callable[..., list[str]]:
+    return problems
