@@ -61,7 +61,14 @@ class RetryScheduled:
     wait: float  # seconds
 
 
-Event = BreakerTransitioned | BreakerRejected | ConfigReloaded | PgProbed | PgStatusChanged | RetryScheduled
+Event = (
+    BreakerTransitioned
+    | BreakerRejected
+    | ConfigReloaded
+    | PgProbed
+    | PgStatusChanged
+    | RetryScheduled
+)
 
 
 class EventBus:

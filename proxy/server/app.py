@@ -1,0 +1,307 @@
+"""The process: listeners, live config, reloads, breaker persistence and shutdown (DESIGN §10).
+
+Lifecycle: `start()` binds both listeners, restores breaker state and starts the Postgres
+prober and the config watcher; `reload()` builds a new `Runtime` aside and swaps one
+reference; `drain_and_stop()` is the sidecar-friendly shutdown: readiness fails at once, the
+proxy keeps serving until it has been idle for `quiet_period` (or `drain_timeout` passed),
+then stops listening, lets in-flight requests finish, saves state and closes pools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+from typing import Any
+
+from aiohttp import web
+
+from proxy import __version__
+from proxy.cache import FallbackStore
+from proxy.clock import SYSTEM_CLOCK, Clock, Rng, system_rng
+from proxy.config import ConfigInvalid, load_config
+from proxy.config.model import Config
+from proxy.observe import log
+from proxy.observe.events import BreakerTransitioned, ConfigReloaded, EventBus
+from proxy.observe.metrics import Metrics
+from proxy.pgprobe import ProberSet
+from proxy.resilience.statefile import (
+    breakers_state,
+    load_state,
+    restore_breakers,
+    save_state,
+)
+from proxy.server.handler import ProxyHandler
+from proxy.server.protocol import ProxyServer
+from proxy.server.runtime import Registry, Runtime, compile_runtime
+
+WATCH_INTERVAL = 2.0  # seconds between config file content checks
+STATE_DEBOUNCE = 0.05  # seconds: transitions within this window are written once
+
+
+class ProxyApp:
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | None = None,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        rng: Rng | None = None,
+        watch_interval: float = WATCH_INTERVAL,
+    ) -> None:
+        self.config_path = config_path
+        self.clock = clock
+        self.rng = rng or system_rng()
+        self.bus = EventBus()
+        self.metrics = Metrics()
+        self.bus.subscribe(self.metrics.on_event)
+        self.bus.subscribe(log.on_event)
+        self.bus.subscribe(self._on_event)
+        self.store = FallbackStore(config.cache, clock)
+        self.registry = Registry(clock, self.bus, self.store)
+        self.probers = ProberSet(clock, self.bus.emit)
+        self.runtime: Runtime = compile_runtime(
+            config, self.registry, self.metrics, clock, self.rng, self.bus
+        )
+        self.watch_interval = watch_interval
+        self.draining = False
+        self.active = 0
+        self.last_activity = clock.now()
+        self.started_at = clock.wall()
+        self._last_failed_hash: str | None = None
+        self._reload_lock = asyncio.Lock()
+        self._server: ProxyServer | None = None
+        self._listener: asyncio.base_events.Server | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._state_pending: asyncio.TimerHandle | None = None
+        self._stop = asyncio.Event()
+        self._signals = 0
+        self._wire_live_metrics()
+        log.set_secrets(config.secrets)
+
+    # -- request accounting (for the quiet period) -------------------------------------
+    def requests_started(self) -> None:
+        self.active += 1
+        self.last_activity = self.clock.now()
+
+    def requests_finished(self) -> None:
+        self.active -= 1
+        self.last_activity = self.clock.now()
+
+    @property
+    def config(self) -> Config:
+        return self.runtime.config
+
+    def _wire_live_metrics(self) -> None:
+        live = self.metrics.live
+        live.breakers = self.registry.iter_breakers
+        live.bulkheads = self.registry.iter_bulkheads
+        live.cache = lambda: (self.store.entries, self.store.bytes)
+        live.config_hash = lambda: self.runtime.config.hash[:12]
+        live.postgres = self.probers.snapshots
+
+    # -- start ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        config = self.config
+        self._restore_breakers()
+        loop = asyncio.get_running_loop()
+        limits = config.limits
+        self._server = ProxyServer(
+            ProxyHandler(self),
+            head_timeout=limits.client_header_timeout,
+            handler_cancellation=True,
+            keepalive_timeout=limits.client_idle_timeout,
+            max_line_size=limits.max_header_bytes,
+            max_field_size=limits.max_header_bytes,
+            access_log=None,
+        )
+        self._listener = await loop.create_server(
+            self._server, config.listen_host, config.listen_port, reuse_address=True, backlog=1024
+        )
+        from proxy.server.admin import build_admin_app
+
+        self._admin_runner = web.AppRunner(
+            build_admin_app(self), access_log=None, handle_signals=False
+        )
+        await self._admin_runner.setup()
+        site = web.TCPSite(
+            self._admin_runner, config.admin.host, config.admin.port, reuse_address=True
+        )
+        await site.start()
+        await self.probers.apply(config.postgres)
+        if self.config_path is not None:
+            self._spawn(self._watch_config())
+        self.bus.emit(ConfigReloaded("ok", "start", config.hash))
+        log.info(
+            "started",
+            version=__version__,
+            listen=f"{config.listen_host}:{config.listen_port}",
+            admin=f"{config.admin.host}:{config.admin.port}",
+            routes=len(config.routes),
+            config_hash=config.hash[:12],
+        )
+
+    @property
+    def proxy_port(self) -> int:
+        assert self._listener is not None
+        port: int = self._listener.sockets[0].getsockname()[1]
+        return port
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- reload ----------------------------------------------------------------------------
+    async def reload(self, trigger: str) -> tuple[str, list[str]]:
+        """Load, validate and swap in the config file; returns (result, problem lines)."""
+        if self.config_path is None:
+            return "unchanged", []
+        async with self._reload_lock:
+            try:
+                config = load_config(self.config_path)
+            except ConfigInvalid as exc:
+                problems = [str(p) for p in exc.problems]
+                self._last_failed_hash = _file_hash(self.config_path)
+                self.bus.emit(ConfigReloaded("error", trigger, problems=tuple(problems)))
+                return "error", problems
+            self._last_failed_hash = None
+            current = self.runtime.config
+            if config.hash == current.hash:
+                self.bus.emit(ConfigReloaded("unchanged", trigger, config.hash))
+                return "unchanged", []
+            notes = []
+            if (config.listen_host, config.listen_port) != (
+                current.listen_host,
+                current.listen_port,
+            ):
+                notes.append("listen changed: takes effect after a restart")
+            if config.admin.host != current.admin.host or config.admin.port != current.admin.port:
+                notes.append("admin.listen changed: takes effect after a restart")
+            self.store.update_settings(config.cache)
+            self.runtime = compile_runtime(
+                config, self.registry, self.metrics, self.clock, self.rng, self.bus
+            )
+            log.set_secrets(config.secrets | current.secrets)
+            await self.probers.apply(config.postgres)
+            self.bus.emit(ConfigReloaded("ok", trigger, config.hash))
+            for note in notes:
+                log.warning("config_reload_partial", note=note)
+            return "ok", notes
+
+    async def _watch_config(self) -> None:
+        """Poll the file's content hash: catches edits and ConfigMap symlink swaps alike."""
+        assert self.config_path is not None
+        while True:
+            await self.clock.sleep(self.watch_interval)
+            digest = _file_hash(self.config_path)
+            if digest is None or digest == self.runtime.config.hash:
+                continue
+            if digest == self._last_failed_hash:
+                continue  # already rejected and logged; wait for the next edit
+            await self.reload("file-change")
+
+    # -- breaker persistence ------------------------------------------------------------
+    def _on_event(self, event: object) -> None:
+        if isinstance(event, BreakerTransitioned) and self.config.state_file:
+            if self._state_pending is None:
+                loop = asyncio.get_running_loop()
+                self._state_pending = loop.call_later(STATE_DEBOUNCE, self._save_breakers)
+
+    def _save_breakers(self) -> None:
+        self._state_pending = None
+        path = self.config.state_file
+        if not path:
+            return
+        data = breakers_state(self.registry.breakers.values(), self.clock.wall())
+        try:
+            save_state(path, data)
+        except OSError as exc:
+            log.warning("state_save_failed", path=path, error=exc.strerror or type(exc).__name__)
+
+    def _restore_breakers(self) -> None:
+        path = self.config.state_file
+        if not path:
+            return
+        data, warning = load_state(path)
+        if warning:
+            log.warning("state_ignored", path=path, reason=warning)
+        if not data:
+            return
+        for problem in restore_breakers(data, self.registry.breakers, self.clock.wall()):
+            log.warning("state_ignored", path=path, reason=problem)
+
+    # -- shutdown --------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, self._on_stop_signal, "SIGINT")
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload("signal")))
+
+    def _on_stop_signal(self, name: str) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("shutdown_forced", signal=name)
+            self._save_breakers()
+            os._exit(1)
+        log.info("shutdown_requested", signal=name)
+        self.draining = True
+        self._stop.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stop.wait()
+
+    def request_stop(self) -> None:
+        self.draining = True
+        self._stop.set()
+
+    async def drain_and_stop(self) -> None:
+        policy = self.config.shutdown
+        clock = self.clock
+        self.draining = True
+        began = clock.now()
+        deadline = began + policy.drain_timeout
+        # Keep serving while the agent beside us may still be finishing its work.
+        while clock.now() < deadline:
+            idle_for = clock.now() - self.last_activity
+            if self.active == 0 and idle_for >= policy.quiet_period:
+                break
+            await clock.sleep(min(0.1, max(0.0, deadline - clock.now())))
+        log.info("shutdown_draining", active=self.active, waited=round(clock.now() - began, 3))
+        if self._listener is not None:
+            self._listener.close()
+        if self._server is not None:
+            left = max(0.0, deadline - clock.now())
+            await self._server.shutdown(left)
+        if self._listener is not None:
+            await self._listener.wait_closed()
+        await self.close()
+        log.info("stopped")
+
+    async def close(self) -> None:
+        if self._state_pending is not None:
+            self._state_pending.cancel()
+            self._state_pending = None
+        self._save_breakers()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.probers.close()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+            self._admin_runner = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        await self.registry.close()
+
+
+def _file_hash(path: str) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+    except OSError:
+        return None

@@ -1,0 +1,160 @@
+"""Forwarding rules of DESIGN §5: request-target checks, path joining, header rewriting.
+
+Everything that can be computed once per route or upstream is computed when a config is
+compiled (`UpstreamHeaders`); the per-request functions only filter and append.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.config.model import Route, Upstream
+from proxy.errors import ProxyError
+
+VIA_VALUE = "1.1 resilience-proxy"
+
+# Removed in both directions (RFC 9110 §7.6.1), plus every header named in Connection.
+HOP_BY_HOP = frozenset(
+    (
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+    )
+)
+
+_ENCODED_DOTS = ("%2e", "%2E")
+
+
+def split_target(raw: str) -> tuple[str, str]:
+    """Validate an origin-form request target; return (raw path, raw query incl. '?' or '').
+
+    Refused (400): absolute-form and asterisk-form targets, dot-segments (also
+    percent-encoded), backslashes (also %5C) and NUL (also %00).
+    """
+    if not raw.startswith("/"):
+        raise ProxyError.bad_request("only origin-form request targets are accepted")
+    path, sep, query = raw.partition("?")
+    if "\\" in path or "\x00" in path or ("%" in path and _has_encoded_danger(path)):
+        raise ProxyError.bad_request("the path contains a backslash or NUL")
+    for segment in path.split("/"):
+        if segment in (".", "..") or ("%" in segment and _decode_dots(segment) in (".", "..")):
+            raise ProxyError.bad_request("the path contains a dot-segment")
+    return path, sep + query
+
+
+def _has_encoded_danger(path: str) -> bool:
+    lowered = path.lower()
+    return "%5c" in lowered or "%00" in lowered
+
+
+def _decode_dots(segment: str) -> str:
+    for enc in _ENCODED_DOTS:
+        segment = segment.replace(enc, ".")
+    return segment
+
+
+def prefix_matches(prefix: str, path: str) -> bool:
+    """Segment-wise prefix match: '/api' matches '/api' and '/api/x', never '/apix'."""
+    if prefix == "/":
+        return True
+    bare = prefix.rstrip("/")
+    return path == bare or path.startswith(bare + "/")
+
+
+def upstream_path(route: Route, path: str) -> str:
+    """The path sent upstream: base + "/" + rest, the rest forwarded byte for byte."""
+    rest = path
+    if route.strip_prefix:
+        bare = route.match.path_prefix.rstrip("/")
+        rest = path[len(bare) :]
+    return route.upstream.base_path.rstrip("/") + "/" + rest.lstrip("/")
+
+
+def connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    values = headers.getall("Connection", ())
+    if not values:
+        return frozenset()
+    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
+
+
+def build_upstream_headers(
+    incoming: CIMultiDictProxy[str],
+    upstream: Upstream,
+    *,
+    client_ip: str | None,
+    client_scheme: str,
+    client_host: str | None,
+) -> CIMultiDict[str]:
+    """The request headers to send upstream (DESIGN §5 "Headers")."""
+    drop = HOP_BY_HOP | connection_tokens(incoming) if "Connection" in incoming else HOP_BY_HOP
+    out: CIMultiDict[str] = CIMultiDict()
+    injected = upstream.headers
+    injected_names = {name for name, _ in injected}
+    for name, value in incoming.items():
+        lname = name.lower()
+        if (
+            lname in drop
+            or lname == "host"
+            or lname == "expect"
+            or lname.startswith("x-resilience-")
+            or lname in injected_names
+        ):
+            continue
+        if lname.startswith("x-forwarded-") and not upstream.forwarded_headers:
+            continue
+        out.add(name, value)
+    out["Host"] = upstream.host
+    for name, value in injected:
+        out[name] = value
+    out.add("Via", VIA_VALUE)
+    if upstream.forwarded_headers:
+        if client_ip:
+            prior = incoming.get("X-Forwarded-For")
+            out["X-Forwarded-For"] = f"{prior}, {client_ip}" if prior else client_ip
+        out["X-Forwarded-Proto"] = client_scheme
+        if client_host:
+            out["X-Forwarded-Host"] = client_host
+    return out
+
+
+def build_client_headers(
+    upstream_headers: Iterable[tuple[str, str]],
+    connection: Iterable[str],
+    route: Route,
+) -> CIMultiDict[str]:
+    """Response headers for the client: hop-by-hop removed, Via added, Location rewritten."""
+    drop = HOP_BY_HOP | frozenset(t.strip().lower() for v in connection for t in v.split(","))
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream_headers:
+        lname = name.lower()
+        if lname in drop:
+            continue
+        if lname == "location":
+            value = rewrite_location(value, route)
+        out.add(name, value)
+    out.add("Via", VIA_VALUE)
+    return out
+
+
+def rewrite_location(location: str, route: Route) -> str:
+    """A Location under the upstream URL becomes a path under the route's prefix."""
+    base = route.upstream.url
+    if not location.startswith(base):
+        return location
+    rest = location[len(base) :]
+    if rest and rest[0] not in "/?#":
+        return location  # https://api.example.comX/... is another host
+    if not route.strip_prefix:
+        return rest if rest.startswith("/") else "/" + rest
+    prefix = route.match.path_prefix.rstrip("/")
+    if rest.startswith("/"):
+        return prefix + rest
+    return prefix + "/" + rest

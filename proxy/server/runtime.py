@@ -1,0 +1,195 @@
+"""Compiled snapshots and the state registry that outlives them (DESIGN §2).
+
+A `Runtime` is what one config compiles into: per route its matcher data, its pipeline and
+its pre-bound metric children. The `Registry` keeps the stateful objects (breakers,
+bulkheads, budgets, upstream pools) keyed by (route, upstream); a reload updates their
+policies in place, and drops the state of removed routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from proxy.cache import FallbackStore
+from proxy.clock import Clock, Rng
+from proxy.config.model import Config, Route, Upstream
+from proxy.observe.events import EventBus
+from proxy.observe.metrics import Metrics, RouteMetrics
+from proxy.resilience.breaker import Breaker
+from proxy.resilience.budget import RetryBudget
+from proxy.resilience.bulkhead import Bulkhead
+from proxy.stages.call import Stage
+from proxy.stages.pipeline import RouteState, build_pipeline
+from proxy.upstream import UpstreamClient
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRuntime:
+    route: Route
+    name: str
+    prefix: str  # path_prefix without its trailing slash ("" for "/")
+    host: str | None
+    host_has_port: bool
+    methods: frozenset[str] | None
+    pipeline: Stage
+    stages: tuple[str, ...]
+    metrics: RouteMetrics
+    retry_enabled: bool
+    state: RouteState
+
+    def matches(self, path: str, host: str, method: str) -> bool:
+        prefix = self.prefix
+        if prefix and not (path == prefix or path.startswith(prefix + "/")):
+            # A prefix given with a trailing slash also matches the bare path.
+            return False
+        if self.methods is not None and method not in self.methods:
+            return False
+        if self.host is not None:
+            wanted = host.lower() if self.host_has_port else _strip_port(host.lower())
+            if wanted != self.host:
+                return False
+        return True
+
+
+def _strip_port(host: str) -> str:
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end >= 0 else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    config: Config
+    routes: tuple[RouteRuntime, ...]
+    loaded_at: float  # wall time
+
+    def match(self, path: str, host: str, method: str) -> RouteRuntime | None:
+        for rt in self.routes:
+            if rt.matches(path, host, method):
+                return rt
+        return None
+
+
+class Registry:
+    """Stateful objects keyed by (route, upstream), kept across reloads."""
+
+    def __init__(self, clock: Clock, bus: EventBus, store: FallbackStore) -> None:
+        self.clock = clock
+        self.bus = bus
+        self.store = store
+        self.breakers: dict[tuple[str, str], Breaker] = {}
+        self.bulkheads: dict[tuple[str, str], Bulkhead] = {}
+        self.budgets: dict[str, RetryBudget] = {}
+        self.clients: dict[str, UpstreamClient] = {}
+        self._retired: list[UpstreamClient] = []
+        self._closers: set[asyncio.Task[None]] = set()
+
+    def client_for(self, upstream: Upstream) -> UpstreamClient:
+        client = self.clients.get(upstream.name)
+        if client is not None and client.upstream != upstream:
+            self._retire(client)
+            client = None
+        if client is None:
+            client = self.clients[upstream.name] = UpstreamClient(upstream)
+        return client
+
+    def state_for(self, route: Route) -> RouteState:
+        key = (route.name, route.upstream.name)
+        breaker = None
+        if route.breaker is not None:
+            breaker = self.breakers.get(key)
+            if breaker is None:
+                breaker = self.breakers[key] = Breaker(
+                    route.name, route.upstream.name, route.breaker, self.clock, self.bus.emit
+                )
+            else:
+                breaker.update_policy(route.breaker)
+        bulkhead = None
+        if route.bulkhead is not None:
+            bulkhead = self.bulkheads.get(key)
+            if bulkhead is None:
+                bulkhead = self.bulkheads[key] = Bulkhead(route.bulkhead, self.clock)
+            else:
+                bulkhead.update_policy(route.bulkhead)
+        budget = None
+        if route.retry is not None:
+            budget = self.budgets.get(route.name)
+            if budget is None:
+                budget = self.budgets[route.name] = RetryBudget(route.retry.budget, self.clock)
+            else:
+                budget.update_policy(route.retry.budget)
+        return RouteState(self.client_for(route.upstream), breaker, bulkhead, budget, self.store)
+
+    def prune(self, config: Config) -> None:
+        """Drop the state of routes and upstreams that the new config no longer has."""
+        keys = {(r.name, r.upstream.name) for r in config.routes}
+        for key in [k for k in self.breakers if k not in keys]:
+            del self.breakers[key]
+        for key in [k for k in self.bulkheads if k not in keys]:
+            del self.bulkheads[key]
+        names = {r.name for r in config.routes if r.retry is not None}
+        for name in [n for n in self.budgets if n not in names]:
+            del self.budgets[name]
+        for name in [n for n in self.clients if n not in config.upstreams]:
+            self._retire(self.clients.pop(name))
+
+    def _retire(self, client: UpstreamClient) -> None:
+        """Close a replaced pool once its in-flight attempts are done."""
+        task = asyncio.get_running_loop().create_task(self._close_when_idle(client))
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
+
+    async def _close_when_idle(self, client: UpstreamClient) -> None:
+        while client.in_flight > 0 or client.streaming > 0:
+            await self.clock.sleep(0.5)
+        await client.close()
+
+    async def close(self) -> None:
+        for task in list(self._closers):
+            task.cancel()
+        for client in list(self.clients.values()):
+            await client.close()
+        self.clients.clear()
+
+    def iter_breakers(self) -> Iterator[tuple[str, str, str]]:
+        for (route, upstream), breaker in self.breakers.items():
+            yield route, upstream, breaker.state
+
+    def iter_bulkheads(self) -> Iterator[tuple[str, str, int, int]]:
+        for (route, upstream), bulkhead in self.bulkheads.items():
+            yield route, upstream, bulkhead.in_flight, bulkhead.queued
+
+
+def compile_runtime(
+    config: Config,
+    registry: Registry,
+    metrics: Metrics,
+    clock: Clock,
+    rng: Rng,
+    bus: EventBus,
+) -> Runtime:
+    routes = []
+    for route in config.routes:
+        state = registry.state_for(route)
+        pipeline, names = build_pipeline(route, state, clock, rng, bus)
+        host = route.match.host
+        routes.append(
+            RouteRuntime(
+                route=route,
+                name=route.name,
+                prefix=route.match.path_prefix.rstrip("/"),
+                host=host,
+                host_has_port=host is not None and _strip_port(host) != host,
+                methods=route.match.methods,
+                pipeline=pipeline,
+                stages=names,
+                metrics=metrics.route(route.name, route.upstream.name),
+                retry_enabled="retry" in names,
+                state=state,
+            )
+        )
+    registry.prune(config)
+    return Runtime(config, tuple(routes), clock.wall())

@@ -1,0 +1,78 @@
+"""The innermost stage: one upstream attempt, bounded by the attempt timeout.
+
+The attempt deadline is `min(now + per_try, call.deadline)`: one timer per attempt serves
+both the per-try and the total timeout; which one fired decides `total_timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from proxy.clock import Clock
+from proxy.config.model import Route
+from proxy.resilience.backoff import server_wait
+from proxy.resilience.classify import Attempt, AttemptResult
+from proxy.stages.call import Call, Result, Stage
+from proxy.upstream import UpstreamClient, UpstreamFailure
+
+# Statuses worth parsing Retry-After / X-RateLimit-Reset for (off the happy path).
+_SERVER_WAIT_STATUSES = frozenset((403, 429, 500, 502, 503, 504))
+
+
+class AttemptStage(Stage):
+    __slots__ = ("client", "clock", "per_try")
+
+    def __init__(self, route: Route, client: UpstreamClient, clock: Clock) -> None:
+        super().__init__(None)
+        self.client = client
+        self.clock = clock
+        self.per_try = route.timeout.per_try
+
+    async def __call__(self, call: Call) -> Result:
+        clock = self.clock
+        start = clock.now()
+        limit = self.per_try
+        deadline = call.deadline
+        total_bound = False
+        if deadline is not None and (limit is None or start + limit >= deadline):
+            limit = deadline - start
+            total_bound = True
+            if limit <= 0:
+                return Result(failure="timeout", total_timeout=True)
+        client = self.client
+        client.in_flight += 1
+        try:
+            if limit is None:
+                response = await client.send(
+                    call.method, call.path_qs, call.headers, call.body.payload()
+                )
+            else:
+                async with asyncio.timeout(limit):
+                    response = await client.send(
+                        call.method, call.path_qs, call.headers, call.body.payload()
+                    )
+        except TimeoutError:
+            return _failed(call, "timeout", clock.now() - start, False, total_bound)
+        except UpstreamFailure as exc:
+            if call.body.client_error is not None:
+                raise call.body.client_error from None
+            return _failed(call, exc.kind, clock.now() - start, exc.before_request, False)
+        finally:
+            client.in_flight -= 1
+        duration = clock.now() - start
+        status = response.status
+        wait = None
+        if status in _SERVER_WAIT_STATUSES:
+            wait = server_wait(status, response.headers, clock.wall())
+        attempt = Attempt.response(status, duration, wait)
+        call.record.attempts.append((attempt.result, duration))
+        result = Result(response)
+        result.attempt = attempt
+        return result
+
+
+def _failed(call: Call, kind: str, duration: float, before: bool, total: bool) -> Result:
+    call.record.attempts.append((kind, duration))
+    result = Result(failure=kind, total_timeout=total)
+    result.attempt = Attempt(AttemptResult(kind), None, before, duration)
+    return result

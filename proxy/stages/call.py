@@ -1,0 +1,179 @@
+"""What flows through a route's pipeline: one `Call` in, one `Result` out.
+
+Stages return outcomes instead of raising (Polly's `Outcome`): a `Result` holds either an
+upstream response whose head has arrived, a failure condition, or a fallback to send.
+Cancellation (the client went away) is the one thing that propagates as an exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import aiohttp
+from multidict import CIMultiDict
+
+from proxy.observe.metrics import RequestRecord
+
+if TYPE_CHECKING:
+    from proxy.cache import EntryWriter, StaleHit
+    from proxy.config.model import StaticFallback
+    from proxy.resilience.classify import Attempt
+
+
+class ByteSource(Protocol):
+    async def readany(self) -> bytes: ...
+
+
+class RequestBody:
+    """The client's request body, buffered when it can be replayed, else streamed once.
+
+    `replayable` holds while the whole body is in memory (small bodies, read before the
+    first attempt) or while nothing of the stream has been read yet.
+    """
+
+    __slots__ = ("_gap", "_stream", "buffered", "client_error", "consumed", "length", "prefix")
+
+    def __init__(
+        self,
+        buffered: bytes | None,
+        stream: ByteSource | None = None,
+        prefix: bytes = b"",
+        gap_timeout: float | None = None,
+        length: int | None = None,
+    ) -> None:
+        self.buffered = buffered
+        self._stream = stream
+        self.prefix = prefix
+        self._gap = gap_timeout
+        self.consumed = False
+        self.length = length
+        # Set when reading the client's body failed while streaming it upstream (too slow,
+        # too large): the request is then the client's fault, not the upstream's.
+        self.client_error: Exception | None = None
+
+    @property
+    def replayable(self) -> bool:
+        return self.buffered is not None or not self.consumed
+
+    def payload(self) -> bytes | AsyncIterator[bytes] | None:
+        if self.buffered is not None:
+            return self.buffered if self.buffered else None
+        if self._stream is None:
+            return None
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[bytes]:
+        from proxy.server.body import read_gap  # the body reader owns the gap timeout
+
+        self.consumed = True
+        if self.prefix:
+            yield self.prefix
+        assert self._stream is not None
+        while True:
+            try:
+                chunk = await read_gap(self._stream, self._gap)
+            except Exception as exc:
+                self.client_error = exc
+                raise
+            if not chunk:
+                return
+            yield chunk
+
+
+EMPTY_BODY = RequestBody(b"")
+
+
+class Call:
+    """One client request as the pipeline sees it."""
+
+    __slots__ = (
+        "body",
+        "deadline",
+        "has_idempotency_key",
+        "headers",
+        "method",
+        "path_qs",
+        "record",
+        "request_headers",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        path_qs: str,
+        headers: CIMultiDict[str],
+        request_headers: Any,
+        body: RequestBody,
+        record: RequestRecord,
+        deadline: float | None,
+    ) -> None:
+        self.method = method
+        self.path_qs = path_qs  # the upstream path and query, raw
+        self.headers = headers  # what is sent upstream
+        self.request_headers = request_headers  # as the client sent them
+        self.body = body
+        self.record = record
+        self.deadline = deadline  # monotonic; None: no total timeout
+        self.has_idempotency_key = False
+
+
+class Result:
+    """The outcome of a pipeline (or of one stage)."""
+
+    __slots__ = (
+        "attempt",
+        "cleanups",
+        "failure",
+        "response",
+        "retry_after",
+        "stale",
+        "static",
+        "total_timeout",
+        "writer",
+    )
+
+    def __init__(
+        self,
+        response: aiohttp.ClientResponse | None = None,
+        failure: str | None = None,
+        *,
+        retry_after: float | None = None,
+        total_timeout: bool = False,
+    ) -> None:
+        self.response = response
+        self.attempt: Attempt | None = None  # set by the attempt stage: what the breaker records
+        self.failure = failure  # connect-failure | reset | timeout | breaker-open | bulkhead-full
+        self.retry_after = retry_after  # seconds, for a breaker-open 503
+        self.total_timeout = total_timeout  # the failure is the total deadline, not per_try
+        self.cleanups: list[Callable[[], None]] = []  # run once the response is finished
+        self.stale: StaleHit | None = None
+        self.static: StaticFallback | None = None
+        self.writer: EntryWriter | None = None  # fallback store copy, fed while streaming
+
+    def finish(self) -> None:
+        """Run cleanups (bulkhead slots) exactly once."""
+        cleanups, self.cleanups = self.cleanups, []
+        for fn in cleanups:
+            fn()
+
+    def discard(self) -> None:
+        """Drop a response that will not be sent (it is being retried or replaced)."""
+        if self.response is not None:
+            self.response.close()
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+        self.finish()
+
+
+class Stage:
+    """A pipeline element: applies one policy around the next stage."""
+
+    __slots__ = ("next",)
+
+    def __init__(self, next_stage: Stage | None) -> None:
+        self.next = next_stage
+
+    async def __call__(self, call: Call) -> Result:
+        raise NotImplementedError

@@ -1,0 +1,78 @@
+"""Retry stage: repeats attempts per the route's RetryPolicy, spending its retry budget.
+
+The pure rules (which outcomes match `on`, which methods and bodies may be replayed, how
+long to wait) live in `proxy.resilience`; this stage only loops, sleeps and records.
+Rejections by the breaker or the bulkhead are never retried.
+"""
+
+from __future__ import annotations
+
+from proxy.clock import Clock, Rng
+from proxy.config.model import RetryPolicy
+from proxy.observe.events import EventBus, RetryScheduled
+from proxy.resilience.backoff import backoff_delay
+from proxy.resilience.budget import RetryBudget
+from proxy.resilience.classify import RetryDecision, decide_retry, retry_reason
+from proxy.stages.call import Call, Result, Stage
+
+_NEVER_RETRIED = frozenset(("breaker-open", "bulkhead-full"))
+
+
+class RetryStage(Stage):
+    __slots__ = ("budget", "bus", "clock", "policy", "rng", "route")
+
+    def __init__(
+        self,
+        next_stage: Stage,
+        route: str,
+        policy: RetryPolicy,
+        budget: RetryBudget,
+        clock: Clock,
+        rng: Rng,
+        bus: EventBus,
+    ) -> None:
+        super().__init__(next_stage)
+        self.route = route
+        self.policy = policy
+        self.budget = budget
+        self.clock = clock
+        self.rng = rng
+        self.bus = bus
+
+    async def __call__(self, call: Call) -> Result:
+        policy = self.policy
+        self.budget.record_request()
+        attempt = 1
+        assert self.next is not None
+        while True:
+            result = await self.next(call)
+            outcome = result.attempt
+            if outcome is None or result.failure in _NEVER_RETRIED or result.total_timeout:
+                return result
+            reason = retry_reason(policy.on, outcome)
+            if reason is None:
+                return result
+            wait = backoff_delay(policy.backoff, attempt, self.rng)
+            if outcome.retry_after is not None and policy.retry_after.honor:
+                wait = max(wait, outcome.retry_after)
+            time_left = None if call.deadline is None else call.deadline - self.clock.now()
+            decision = decide_retry(
+                policy,
+                outcome,
+                method=call.method,
+                has_idempotency_key=call.has_idempotency_key,
+                attempt=attempt,
+                body_replayable=call.body.replayable,
+                time_left=time_left,
+                wait=wait,
+            )
+            if decision is not RetryDecision.RETRY:
+                return result
+            if not self.budget.try_acquire():
+                call.record.budget_exhausted = True
+                return result
+            result.discard()
+            attempt += 1
+            call.record.retries.append(reason)
+            self.bus.emit(RetryScheduled(self.route, attempt, reason, wait))
+            await self.clock.sleep(wait)
