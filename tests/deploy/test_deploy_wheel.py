@@ -1,0 +1,152 @@
+"""The image's install path without a Docker engine: build the wheel from exactly the files
+the Dockerfile's builder stage copies, install it into a fresh virtualenv (dependencies from
+the package index, as `pip wheel` in the builder gets them), and run the installed CLI.
+
+The slowest check of the suite (a wheel build and a dependency install, about 30 s with a warm
+pip cache); it runs in `make test` because it is the only check of the packaging itself.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from deploy_support import REPO, dockerignore_excludes, dockerignore_patterns, parse_dockerfile
+
+import proxy
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@dataclass
+class Installed:
+    wheel: Path
+    venv: Path
+    source: Path
+    workdir: Path
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """The installed console script, with an empty environment, outside the repository."""
+        env = {"PATH": f"{self.venv / 'bin'}:/usr/bin:/bin", "HOME": str(self.workdir)}
+        return subprocess.run(
+            [str(self.venv / "bin" / "resilience-proxy"), *args],
+            cwd=self.workdir, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+
+def builder_context(dest: Path) -> Path:
+    """Copy what the builder stage COPYs (as .dockerignore filters it) into dest."""
+    patterns = dockerignore_patterns()
+    builder = [
+        i for i in parse_dockerfile((REPO / "Dockerfile").read_text("utf-8")) if i.stage == 0
+    ]
+    copied = 0
+    for instruction in builder:
+        if instruction.keyword != "COPY":
+            continue
+        for source in instruction.args.split()[:-1]:
+            root = REPO / source
+            files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
+            for file in files:
+                rel = file.relative_to(REPO).as_posix()
+                if dockerignore_excludes(rel, patterns):
+                    continue
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(file, dest / rel)
+                copied += 1
+    assert copied, "the builder stage copies nothing"
+    return dest
+
+
+def pip(python: Path | str, *args: str) -> None:
+    options = ["--disable-pip-version-check", "--no-input"]
+    if args[0] == "--python":  # a global option: before the command
+        options, args = [*options, *args[:2]], args[2:]
+    result = subprocess.run(
+        [str(python), "-m", "pip", *options, *args],
+        capture_output=True, text=True, timeout=540,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
+    tmp = tmp_path_factory.mktemp("wheel")
+    source = builder_context(tmp / "src")
+    dist = tmp / "dist"
+    pip(sys.executable, "wheel", "--no-deps", "--wheel-dir", str(dist), str(source))
+    [wheel] = dist.glob("resilience_proxy-*.whl")
+    venv = tmp / "venv"
+    # A fresh virtualenv without its own pip (ensurepip alone takes ~20 s on a busy machine);
+    # this interpreter's pip installs into it with --python, resolving dependencies from the
+    # package index exactly as a fresh `pip install` would.
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120
+    )
+    pip(sys.executable, "--python", str(venv / "bin" / "python"), "install", str(wheel))
+    workdir = tmp / "work"
+    workdir.mkdir()
+    yield Installed(wheel, venv, source, workdir)
+
+
+def test_wheel_contains_every_module_and_package_file(installed: Installed) -> None:
+    names = set(zipfile.ZipFile(installed.wheel).namelist())
+    package = installed.source / "proxy"
+    expected = {
+        p.relative_to(installed.source).as_posix()
+        for p in package.rglob("*")
+        if p.is_file() and (p.suffix == ".py" or p.suffix in {".html", ".typed"})
+    }
+    assert expected, "no package files found"
+    assert expected <= names, f"missing from the wheel: {sorted(expected - names)}"
+    assert not [n for n in names if n.startswith(("tests/", "deploy/", "config/"))]
+
+
+def test_installed_cli_reports_the_version(installed: Installed) -> None:
+    result = installed.run("version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == proxy.__version__
+
+
+def test_installed_package_is_the_wheel_not_the_repository(installed: Installed) -> None:
+    python = installed.venv / "bin" / "python"
+    result = subprocess.run(
+        [str(python), "-c", "import proxy; print(proxy.__file__)"],
+        cwd=installed.workdir, capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()).is_relative_to(installed.venv)
+
+
+@pytest.mark.parametrize(
+    "config",
+    ["config/proxy.yaml", "deploy/docker/proxy.yaml", "deploy/kubernetes/base/proxy.yaml"],
+)
+def test_installed_cli_accepts_the_shipped_configs_with_no_environment(
+    installed: Installed, config: str
+) -> None:
+    result = installed.run("check", "--config", str(REPO / config))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_installed_cli_rejects_an_invalid_config_with_exit_2(installed: Installed) -> None:
+    bad = installed.workdir / "bad.yaml"
+    bad.write_text("version: 1\nlisten: 127.0.0.1:8080\nno_such_key: true\n", "utf-8")
+    result = installed.run("check", "--config", str(bad))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "no_such_key" in result.stdout + result.stderr
+
+
+def test_installed_cli_prints_the_schema(installed: Installed) -> None:
+    import json
+
+    result = installed.run("schema")
+    assert result.returncode == 0, result.stderr
+    assert isinstance(json.loads(result.stdout), dict)
