@@ -181,6 +181,10 @@ class ProxyApp:
             if config.admin.host != current.admin.host or config.admin.port != current.admin.port:
                 notes.append("admin.listen changed: takes effect after a restart")
             self.store.update_settings(config.cache)
+            kept = {route.name for route in config.routes}
+            for route in current.routes:
+                if route.name not in kept:
+                    self.store.clear(route.name)  # a removed route's state is dropped
             self.runtime = compile_runtime(
                 config, self.registry, self.metrics, self.clock, self.rng, self.bus
             )

@@ -129,6 +129,7 @@ def build_client_headers(
     upstream_headers: Iterable[tuple[str, str]],
     connection: Iterable[str],
     route: Route,
+    client_origin: str = "",
 ) -> CIMultiDict[str]:
     """Response headers for the client: hop-by-hop removed, Via added, Location rewritten."""
     drop = HOP_BY_HOP | frozenset(t.strip().lower() for v in connection for t in v.split(","))
@@ -139,6 +140,8 @@ def build_client_headers(
             continue
         if lname == "location":
             value = rewrite_location(value, route)
+        elif lname == "link" and route.upstream.url in value:
+            value = rewrite_link(value, route, client_origin)
         out.add(name, value)
     out.add("Via", VIA_VALUE)
     return out
@@ -158,3 +161,19 @@ def rewrite_location(location: str, route: Route) -> str:
     if rest.startswith("/"):
         return prefix + rest
     return prefix + "/" + rest
+
+
+def rewrite_link(value: str, route: Route, client_origin: str) -> str:
+    """Rewrite the URLs of a `Link` header (RFC 8288) that point under the upstream URL, so
+    pagination (GitHub's `rel="next"`) keeps going through the proxy and its credentials.
+
+    Link targets become absolute on the proxy's origin as the client addressed it, since
+    SDKs follow them verbatim."""
+    parts = value.split("<")
+    out = [parts[0]]
+    for part in parts[1:]:
+        target, sep, rest = part.partition(">")
+        if sep and target.startswith(route.upstream.url):
+            target = client_origin + rewrite_location(target, route)
+        out.append(target + sep + rest if sep else part)
+    return "<".join(out)

@@ -13,6 +13,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy.cache import cache_status_value
 from proxy.errors import MESSAGES, STATUS_FOR_FAILURE, ProxyError, error_body
 from proxy.observe.metrics import RequestRecord, observe_unrouted
 from proxy.server.body import BodyTooLarge, ClientBodyTimeout, prepare_body
@@ -183,7 +184,10 @@ class ProxyHandler:
         record.code = status
         record.outcome = "upstream-status" if status >= 500 or status == 429 else "ok"
         headers = build_client_headers(
-            upstream.headers.items(), upstream.headers.getall("Connection", ()), rt.route
+            upstream.headers.items(),
+            upstream.headers.getall("Connection", ()),
+            rt.route,
+            f"{request.scheme}://{request.host}",
         )
         headers["X-Resilience-Attempts"] = str(attempts)
         response = PassthroughResponse(status=status, reason=upstream.reason, headers=headers)
@@ -245,7 +249,11 @@ class ProxyHandler:
             headers["Age"] = str(hit.age)
             headers["X-Resilience-Fallback"] = "stale"
             headers["X-Resilience-Reason"] = reason
-            headers["Cache-Status"] = cache_status(hit)
+            headers["Cache-Status"] = cache_status_value(
+                hit,
+                forwarded=failure not in ("breaker-open", "bulkhead-full"),
+                fwd_status=result.attempt.status if result.attempt is not None else None,
+            )
             headers["X-Resilience-Attempts"] = str(attempts)
             headers.add("Via", VIA_VALUE)
             record.code, record.outcome = hit.status, "fallback-stale"
@@ -280,12 +288,6 @@ class PassthroughResponse(web.StreamResponse):
         await super()._prepare_headers()
         for name in absent:
             headers.popall(name, None)
-
-
-def cache_status(hit: object) -> str:
-    from proxy.cache import cache_status_value
-
-    return cache_status_value(hit)  # type: ignore[arg-type]
 
 
 def _error_response(

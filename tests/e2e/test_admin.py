@@ -122,3 +122,41 @@ async def test_status_page_is_served(proxy, http):
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
     assert not re.search(r"url\(\s*['\"]?(https?:)?//", html)
     assert "@import" not in html
+
+
+async def test_non_loopback_admin_needs_the_token_except_probes_and_metrics(proxy_factory, upstream, http):
+    text = CONFIG.replace("admin: {listen: 127.0.0.1:{ADMIN_PORT}", "admin: {listen: 0.0.0.0:{ADMIN_PORT}")
+    p = await proxy_factory(text, UPORT=upstream.port, TOKEN="s3cret-admin-token")
+    for path in ("/metrics", "/healthz", "/readyz"):
+        async with http.get(p.admin + path) as resp:
+            assert resp.status in (200, 503), path
+    for path in ("/status", "/config", "/"):
+        async with http.get(p.admin + path) as resp:
+            assert resp.status == 401, path
+        async with http.get(p.admin + path, headers={"Authorization": "Bearer s3cret-admin-token"}) as resp:
+            assert resp.status == 200, path
+
+
+async def test_one_log_line_per_retry_without_secrets(proxy_factory, upstream, http, caplog):
+    import logging
+
+    text = CONFIG.replace(
+        "routes:\n",
+        "routes:\n  - {name: retried, match: {path_prefix: /retry/}, upstream: gh,"
+        " retry: {max_attempts: 2, backoff: {initial: 1ms, jitter: none}}}\n",
+    )
+    p = await proxy_factory(text, UPORT=upstream.port, TOKEN="s3cret-admin-token")
+    upstream.push(Reply(status=503), Reply(status=200))
+    with caplog.at_level(logging.INFO, logger="resilience_proxy"):
+        async with http.get(p.url + "/retry/x?token=querysecret") as resp:
+            assert resp.status == 200
+    retries = [r for r in caplog.records if r.getMessage() == "retry"]
+    assert len(retries) == 1
+    fields = retries[0].fields  # type: ignore[attr-defined]
+    assert fields["route"] == "retried" and fields["attempt"] == 2 and fields["reason"] == "503"
+    assert 0 <= fields["wait"] <= 0.01
+    from proxy.observe.log import JsonFormatter
+
+    formatted = "\n".join(JsonFormatter().format(r) for r in caplog.records)
+    for secret in (*SECRETS, "querysecret"):
+        assert secret not in formatted

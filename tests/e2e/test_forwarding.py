@@ -166,10 +166,18 @@ async def test_redirects_pass_through_with_location_rewritten(basic, upstream, h
     async with http.get(basic.url + "/api/start", allow_redirects=False) as resp:
         assert resp.status == 302
         assert resp.headers["Location"] == "/api/next?page=2"
+    link = (f'<{upstream.url}/issues?page=2>; rel="next", '
+            f'<{upstream.url}/issues?page=9>; rel="last", <https://other.example/x>; rel="help"')
+    upstream.push(Reply(headers={"Link": link}))
+    async with http.get(basic.url + "/api/issues") as resp:
+        assert resp.headers["Link"] == (
+            f'<{basic.url}/api/issues?page=2>; rel="next", '
+            f'<{basic.url}/api/issues?page=9>; rel="last", <https://other.example/x>; rel="help"'
+        )
     upstream.push(Reply(status=301, headers={"Location": "https://elsewhere.example/x"}))
     async with http.get(basic.url + "/api/start", allow_redirects=False) as resp:
         assert resp.headers["Location"] == "https://elsewhere.example/x"
-    assert len(upstream.requests) == 2  # never followed
+    assert len(upstream.requests) == 3  # never followed
 
 
 async def test_content_codings_pass_through_untouched(basic, upstream, http):
