@@ -291,12 +291,11 @@ class RouteMetrics:
         self.recent = m.recent_for(route)
 
     def observe(self, rec: RequestRecord, duration: float, retry_enabled: bool, now: float) -> None:
-        key = (rec.method, rec.code, rec.outcome)
+        method = method_label(rec.method)  # arbitrary client methods must not grow this cache
+        key = (method, rec.code, rec.outcome)
         child = self._requests.get(key)
         if child is None:
-            child = self._m.requests_total.labels(
-                self.route, method_label(rec.method), str(rec.code), rec.outcome
-            )
+            child = self._m.requests_total.labels(self.route, method, str(rec.code), rec.outcome)
             self._requests[key] = child
         child.inc()
         self.duration.observe(duration)
