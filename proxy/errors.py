@@ -19,6 +19,7 @@ Configuration errors live in `proxy.config` (`ConfigInvalid`, one `Problem` per 
 
 from __future__ import annotations
 
+import functools
 import json
 
 # X-Resilience-Reason values (DESIGN §6): only these reasons are sent in that header.
@@ -69,6 +70,7 @@ class ProxyError(Exception):
         return cls(431, "header-too-large", f"the request head exceeds {limit} bytes")
 
 
+@functools.lru_cache(maxsize=512)
 def error_body(reason: str, route: str, message: str) -> bytes:
     return json.dumps(
         {"error": {"reason": reason, "route": route, "message": message}}, separators=(",", ":")

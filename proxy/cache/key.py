@@ -45,25 +45,54 @@ class RequestKey:
     # Computed once: the key is hashed on every store operation.
     _hash: int = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(
+    # Written out (the generated frozen __init__ plus __post_init__ costs about twice as
+    # much, and a key is built per request): same signature, same fields, same hash.
+    def __init__(
+        self,
+        route: str,
+        method: str,
+        url: str,
+        partition: bytes | None,
+        shared: bool,
+        accept_encoding: str | None,
+        body_hash: str | None,
+    ) -> None:
+        _set = object.__setattr__
+        _set(self, "route", route)
+        _set(self, "method", method)
+        _set(self, "url", url)
+        _set(self, "partition", partition)
+        _set(self, "shared", shared)
+        _set(self, "accept_encoding", accept_encoding)
+        _set(self, "body_hash", body_hash)
+        _set(
             self,
             "_hash",
-            hash(
-                (
-                    self.route,
-                    self.method,
-                    self.url,
-                    self.partition,
-                    self.shared,
-                    self.accept_encoding,
-                    self.body_hash,
-                )
-            ),
+            hash((route, method, url, partition, shared, accept_encoding, body_hash)),
         )
 
     def __hash__(self) -> int:
         return self._hash
+
+    # Written out too: every store operation compares a fresh key with the stored one. The
+    # same result as the generated field-by-field comparison; the cached hashes short-cut
+    # unequal keys and identity equal ones.
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, RequestKey)
+        return (
+            self._hash == other._hash
+            and self.url == other.url
+            and self.route == other.route
+            and self.method == other.method
+            and self.partition == other.partition
+            and self.shared == other.shared
+            and self.accept_encoding == other.accept_encoding
+            and self.body_hash == other.body_hash
+        )
 
     @property
     def anonymous(self) -> bool:
@@ -95,12 +124,34 @@ def partition_of(
     return hmac.digest(secret, message, "sha256")
 
 
+# Normalised Accept-Encoding per distinct single field value: clients send a handful of
+# spellings. Bounded like the rules' memos: at most _MEMO_MAX values of at most
+# _MEMO_VALUE_MAX characters; emptied when full.
+_MEMO_MAX = 256
+_MEMO_VALUE_MAX = 512
+_accept_encoding_memo: dict[str, str] = {}
+
+
 def normalise_accept_encoding(values: Sequence[str]) -> str | None:
     """Accept-Encoding as a key part: members lower-cased, whitespace removed, sorted, q-values
     kept (`gzip;q=0.5`), so `GZip, br` and `br,gzip` match but `gzip` and `identity` do not.
     Absent → None (distinct from an empty field, which asks for identity)."""
     if not values:
         return None
+    if len(values) != 1:
+        return _normalise_accept_encoding(values)
+    value = values[0]
+    normalised = _accept_encoding_memo.get(value)
+    if normalised is None:
+        normalised = _normalise_accept_encoding(values)
+        if len(value) <= _MEMO_VALUE_MAX:
+            if len(_accept_encoding_memo) >= _MEMO_MAX:
+                _accept_encoding_memo.clear()
+            _accept_encoding_memo[value] = normalised
+    return normalised
+
+
+def _normalise_accept_encoding(values: Sequence[str]) -> str:
     members = []
     for value in values:
         for member in value.split(","):

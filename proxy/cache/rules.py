@@ -1,9 +1,11 @@
 """HTTP caching rules for the fallback store: RFC 9111 (caching) and RFC 5861 (stale-if-error).
 
 Pure functions over header values; times are float seconds (wall-clock epoch for HTTP dates,
-durations otherwise). Nothing here reads a clock or keeps state. The store calls these once
-when a response's headers arrive (may it be stored? its freshness lifetime and initial age)
-and once per lookup (what the request allows, may the entry be served as stale-if-error).
+durations otherwise). Nothing here reads a clock; the only state is memoisation of pure
+parses (Cache-Control values, HTTP dates, the excluded-header sets), bounded, so the same
+header value is parsed once, not per request. The store calls these once when a response's
+headers arrive (may it be stored? its freshness lifetime and initial age) and once per
+lookup (what the request allows, may the entry be served as stale-if-error).
 
 Deliberate choices, all on the side of serving less:
 - only heuristically cacheable statuses are stored (DESIGN §6), even with explicit freshness;
@@ -53,6 +55,13 @@ _NOT_STORED_HEADERS: frozenset[str] = HOP_BY_HOP | {"age"}
 
 # RFC 9111 §1.2.2: delta-seconds larger than this are capped to it.
 DELTA_SECONDS_MAX = 2_147_483_648
+
+# Memo bounds: parsed results are kept per distinct raw header value, at most MEMO_MAX of
+# them (the memo is emptied when full), and only for values up to MEMO_VALUE_MAX characters,
+# so neither many distinct values nor huge ones can grow memory. Upstreams and clients
+# repeat a handful of Cache-Control / Connection values, so almost every call is a hit.
+MEMO_MAX = 256
+MEMO_VALUE_MAX = 512
 
 
 class Refusal(StrEnum):
@@ -166,10 +175,29 @@ class ResponseDirectives:
 NO_RESPONSE_DIRECTIVES = ResponseDirectives()
 
 
+_response_memo: dict[str, ResponseDirectives] = {}
+
+
 def response_directives(headers: MultiMapping[str]) -> ResponseDirectives:
+    """The response's Cache-Control, parsed once per distinct single field value (memoised:
+    the result is immutable)."""
     values = headers.getall("cache-control", ())
     if not values:
         return NO_RESPONSE_DIRECTIVES
+    if len(values) != 1:
+        return _response_directives(values)
+    value = values[0]
+    cc = _response_memo.get(value)
+    if cc is None:
+        cc = _response_directives(values)
+        if len(value) <= MEMO_VALUE_MAX:
+            if len(_response_memo) >= MEMO_MAX:
+                _response_memo.clear()
+            _response_memo[value] = cc
+    return cc
+
+
+def _response_directives(values: Sequence[str]) -> ResponseDirectives:
     d = parse_directives(values)
     no_cache = "no-cache" in d
     private = "private" in d
@@ -206,15 +234,32 @@ class RequestDirectives:
 NO_REQUEST_DIRECTIVES = RequestDirectives()
 
 
+_request_memo: dict[str, RequestDirectives] = {}
+
+
 def request_directives(headers: MultiMapping[str]) -> RequestDirectives:
     """Request Cache-Control; `Pragma: no-cache` counts as no-cache when Cache-Control is
-    absent (HTTP/1.0 clients, RFC 7234 §5.4)."""
+    absent (HTTP/1.0 clients, RFC 7234 §5.4). Memoised per distinct single field value."""
     values = headers.getall("cache-control", ())
     if not values:
         for pragma in headers.getall("pragma", ()):
             if "no-cache" in parse_directives((pragma,)):
                 return RequestDirectives(no_cache=True)
         return NO_REQUEST_DIRECTIVES
+    if len(values) != 1:
+        return _request_directives(values)
+    value = values[0]
+    cc = _request_memo.get(value)
+    if cc is None:
+        cc = _request_directives(values)
+        if len(value) <= MEMO_VALUE_MAX:
+            if len(_request_memo) >= MEMO_MAX:
+                _request_memo.clear()
+            _request_memo[value] = cc
+    return cc
+
+
+def _request_directives(values: Sequence[str]) -> RequestDirectives:
     d = parse_directives(values)
     max_stale: float | None = None
     if "max-stale" in d:
@@ -260,9 +305,12 @@ def initial_age(
     response_time - request_time, measured on the monotonic clock. The current age is this
     plus the resident time (now - response_time).
     """
-    apparent_age = max(0.0, response_time - date_value)
-    corrected_age_value = age_value + max(0.0, response_delay)
-    return max(apparent_age, corrected_age_value)
+    # Conditional expressions, not max(): the same values (ties keep the first), per request.
+    apparent_age = response_time - date_value
+    if not apparent_age > 0.0:
+        apparent_age = 0.0
+    corrected_age_value = age_value + (response_delay if response_delay > 0.0 else 0.0)
+    return corrected_age_value if corrected_age_value > apparent_age else apparent_age
 
 
 def staleness(current_age: float, lifetime: float) -> float:
@@ -350,15 +398,36 @@ def refuse_to_serve(
     return None
 
 
+_excluded_memo: dict[tuple[str | None, frozenset[str]], frozenset[str]] = {}
+
+
 def storable_headers(
     headers: MultiMapping[str], *, drop: frozenset[str] = frozenset()
 ) -> tuple[tuple[str, str], ...]:
     """The response's headers as (name, value) pairs to store, in order, without hop-by-hop
     fields, the fields `Connection` names, `Age`, and `drop` (lower-case names)."""
-    excluded = _NOT_STORED_HEADERS | drop
     connection = headers.getall("connection", ())
-    if connection:
-        excluded = excluded | {
-            token.strip().lower() for value in connection for token in value.split(",")
-        }
-    return tuple((name, value) for name, value in headers.items() if name.lower() not in excluded)
+    if not connection and not drop:
+        excluded = _NOT_STORED_HEADERS
+    elif len(connection) > 1 or (connection and len(connection[0]) > MEMO_VALUE_MAX):
+        excluded = _excluded_names(connection, drop)
+    else:
+        memo_key = (connection[0] if connection else None, drop)
+        cached = _excluded_memo.get(memo_key)
+        if cached is None:
+            cached = _excluded_names(connection, drop)
+            if len(_excluded_memo) >= MEMO_MAX:
+                _excluded_memo.clear()
+            _excluded_memo[memo_key] = cached
+        excluded = cached
+    return tuple([(name, value) for name, value in headers.items() if name.lower() not in excluded])
+
+
+def _excluded_names(connection: Sequence[str], drop: frozenset[str]) -> frozenset[str]:
+    """The lower-case names never stored: hop-by-hop, `Age`, `drop`, and those `Connection`
+    names."""
+    return (
+        _NOT_STORED_HEADERS
+        | drop
+        | {token.strip().lower() for value in connection for token in value.split(",")}
+    )

@@ -38,6 +38,10 @@ from proxy.config.model import CacheSettings, FallbackPolicy
 ENTRY_OVERHEAD = 256
 HEADER_OVERHEAD = 32
 
+# Bounds of the anonymous request-key memo (`FallbackStore.request_key`): keys, URL length.
+KEY_MEMO_MAX = 1024
+KEY_MEMO_URL_MAX = 1024
+
 # Statuses whose responses never carry a body (RFC 9110 §6.4.1).
 _BODYLESS_STATUSES = frozenset((204, 304))
 
@@ -170,6 +174,7 @@ class FallbackStore:
     __slots__ = (
         "_clock",
         "_evictions",
+        "_keys",
         "_lru",
         "_per_route",
         "_secret",
@@ -188,6 +193,9 @@ class FallbackStore:
         self._per_route: dict[str, list[int]] = {}  # route -> [entries, bytes]
         self._size = 0
         self._evictions = 0
+        # Anonymous request keys by their parts, so a hot URL reuses one key object: no
+        # rebuild per request, and the store's dict lookups match it by identity.
+        self._keys: dict[tuple[str, str, str, bool, str | None, str | None], RequestKey] = {}
 
     # -- gauges -------------------------------------------------------------------------
 
@@ -264,15 +272,22 @@ class FallbackStore:
         proxy injects anything. `body_hash` (`key.body_digest`) is required for methods
         other than GET and HEAD: without it such a request is never stored or served."""
         partition = partition_of(self._secret, headers, policy.identity_headers)
-        return RequestKey(
-            route=route,
-            method=method,
-            url=url,
-            partition=partition,
-            shared=partition is None and not upstream_injects_credentials,
-            accept_encoding=normalise_accept_encoding(headers.getall("accept-encoding", ())),
-            body_hash=body_hash,
-        )
+        accept_encoding = normalise_accept_encoding(headers.getall("accept-encoding", ()))
+        if partition is not None:
+            return RequestKey(route, method, url, partition, False, accept_encoding, body_hash)
+        # The anonymous partition: keys are interned (RequestKey is immutable, so sharing one
+        # is the same as building an equal one). Bounded like the parse memos: at most
+        # KEY_MEMO_MAX keys with URLs up to KEY_MEMO_URL_MAX characters; emptied when full.
+        shared = not upstream_injects_credentials
+        parts = (route, method, url, shared, accept_encoding, body_hash)
+        key = self._keys.get(parts)
+        if key is None:
+            key = RequestKey(route, method, url, None, shared, accept_encoding, body_hash)
+            if len(url) <= KEY_MEMO_URL_MAX:
+                if len(self._keys) >= KEY_MEMO_MAX:
+                    self._keys.clear()
+                self._keys[parts] = key
+        return key
 
     # -- storing ---------------------------------------------------------------------------
 
@@ -323,7 +338,9 @@ class FallbackStore:
         if date_value is None:
             date_value = response_time  # RFC 9110 §6.6.1: a missing Date is the receipt time
         expires = headers.getall("expires", ())
-        drop = cc.no_cache_fields | (cc.private_fields if key.shared else frozenset())
+        drop = cc.no_cache_fields
+        if key.shared and cc.private_fields:
+            drop = drop | cc.private_fields
         stored_headers = rules.storable_headers(headers, drop=drop)
         entry = _Entry(
             key=key,
@@ -356,19 +373,33 @@ class FallbackStore:
         values = entry.vary
         variants = self._variants.get(entry.key)
         if variants is not None:
+            if variants.names == entry.vary_names and (
+                (previous := variants.entries.get(values)) is not None
+            ):
+                # The same variant again (the common case: a hot URL): replace it in place,
+                # now the most recently used; the same result as remove + add, fewer steps.
+                variants.entries[values] = entry
+                lru_key = (entry.key, values)
+                del self._lru[lru_key]
+                self._lru[lru_key] = entry
+                delta = size - previous.size
+                self._size += delta
+                self._per_route[entry.key.route][1] += delta
+                self._evict_to(self._settings.max_bytes)
+                return True
             if variants.names != entry.vary_names:
                 # The newest response's Vary wins (RFC 9111 §4.1): drop the older variants.
                 for old in list(variants.entries.values()):
                     self._remove(old)
-            elif (previous := variants.entries.get(values)) is not None:
-                self._remove(previous)
             variants = self._variants.get(entry.key)
         if variants is None:
             variants = self._variants[entry.key] = _Variants(entry.vary_names)
         variants.entries[values] = entry
         self._lru[(entry.key, values)] = entry
         self._size += size
-        counts = self._per_route.setdefault(entry.key.route, [0, 0])
+        counts = self._per_route.get(entry.key.route)
+        if counts is None:
+            counts = self._per_route[entry.key.route] = [0, 0]
         counts[0] += 1
         counts[1] += size
         self._evict_to(self._settings.max_bytes)
@@ -449,14 +480,14 @@ def _expected_length(method: str, status: int, headers: MultiMapping[str]) -> in
     if method == "HEAD" or status in _BODYLESS_STATUSES:
         return 0
     values = headers.getall("content-length", ())
-    if len(values) != 1 or not values[0].strip().isdigit():
+    if len(values) != 1:
         return None
-    return int(values[0].strip())
+    value = values[0].strip()
+    return int(value) if value.isdigit() else None
 
 
 def _head_size(key: RequestKey, headers: tuple[tuple[str, str], ...]) -> int:
-    return (
-        ENTRY_OVERHEAD
-        + len(key.url)
-        + sum(len(name) + len(value) + HEADER_OVERHEAD for name, value in headers)
-    )
+    size = ENTRY_OVERHEAD + len(key.url) + HEADER_OVERHEAD * len(headers)
+    for name, value in headers:
+        size += len(name) + len(value)
+    return size

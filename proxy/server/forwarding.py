@@ -7,6 +7,8 @@ compiled (`UpstreamHeaders`); the per-request functions only filter and append.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -85,41 +87,66 @@ def connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
 
 
+class ClientInfo(Protocol):
+    """What X-Forwarded-* need from the client connection (an aiohttp request)."""
+
+    @property
+    def remote(self) -> str | None: ...
+
+    @property
+    def scheme(self) -> str: ...
+
+    @property
+    def host(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderPlan:
+    """Per-upstream header rewriting, computed once when a config is compiled."""
+
+    skip: frozenset[str]  # lower-case names never copied from the client
+    injected: tuple[tuple[str, str], ...]
+    host: str
+    forwarded: bool
+
+    @classmethod
+    def for_upstream(cls, upstream: Upstream) -> HeaderPlan:
+        # Content-Length is recomputed by the upstream client from the body it sends.
+        skip = HOP_BY_HOP | {"host", "expect", "content-length"}
+        skip |= {name for name, _ in upstream.headers}
+        return cls(skip, upstream.headers, upstream.host, upstream.forwarded_headers)
+
+
 def build_upstream_headers(
-    incoming: CIMultiDictProxy[str],
-    upstream: Upstream,
-    *,
-    client_ip: str | None,
-    client_scheme: str,
-    client_host: str | None,
+    incoming: CIMultiDictProxy[str], plan: HeaderPlan, client: ClientInfo
 ) -> CIMultiDict[str]:
     """The request headers to send upstream (DESIGN §5 "Headers")."""
-    drop = HOP_BY_HOP | connection_tokens(incoming) if "Connection" in incoming else HOP_BY_HOP
+    skip = plan.skip
+    if "Connection" in incoming:
+        skip = skip | connection_tokens(incoming)
+    forwarded = plan.forwarded
     out: CIMultiDict[str] = CIMultiDict()
-    injected = upstream.headers
-    injected_names = {name for name, _ in injected}
     for name, value in incoming.items():
         lname = name.lower()
-        if (
-            lname in drop
-            or lname == "host"
-            or lname == "expect"
-            or lname.startswith("x-resilience-")
-            or lname in injected_names
+        if lname in skip:
+            continue
+        if lname.startswith("x-") and (
+            lname.startswith("x-resilience-")
+            or (not forwarded and lname.startswith("x-forwarded-"))
         ):
             continue
-        if lname.startswith("x-forwarded-") and not upstream.forwarded_headers:
-            continue
         out.add(name, value)
-    out["Host"] = upstream.host
-    for name, value in injected:
+    out["Host"] = plan.host
+    for name, value in plan.injected:
         out[name] = value
     out.add("Via", VIA_VALUE)
-    if upstream.forwarded_headers:
+    if forwarded:
+        client_ip = client.remote
         if client_ip:
             prior = incoming.get("X-Forwarded-For")
             out["X-Forwarded-For"] = f"{prior}, {client_ip}" if prior else client_ip
-        out["X-Forwarded-Proto"] = client_scheme
+        out["X-Forwarded-Proto"] = client.scheme
+        client_host = client.host
         if client_host:
             out["X-Forwarded-Host"] = client_host
     return out
@@ -127,12 +154,14 @@ def build_upstream_headers(
 
 def build_client_headers(
     upstream_headers: Iterable[tuple[str, str]],
-    connection: Iterable[str],
+    connection: list[str],
     route: Route,
-    client_origin: str = "",
+    client: ClientInfo | None = None,
 ) -> CIMultiDict[str]:
     """Response headers for the client: hop-by-hop removed, Via added, Location rewritten."""
-    drop = HOP_BY_HOP | frozenset(t.strip().lower() for v in connection for t in v.split(","))
+    drop = HOP_BY_HOP
+    if connection:
+        drop = drop | frozenset(t.strip().lower() for v in connection for t in v.split(","))
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream_headers:
         lname = name.lower()
@@ -141,7 +170,8 @@ def build_client_headers(
         if lname == "location":
             value = rewrite_location(value, route)
         elif lname == "link" and route.upstream.url in value:
-            value = rewrite_link(value, route, client_origin)
+            origin = f"{client.scheme}://{client.host}" if client is not None else ""
+            value = rewrite_link(value, route, origin)
         out.add(name, value)
     out.add("Via", VIA_VALUE)
     return out

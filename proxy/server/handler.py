@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from functools import partial
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -28,7 +29,7 @@ from proxy.stages.call import Call, RequestBody, Result
 
 if TYPE_CHECKING:
     from proxy.server.app import ProxyApp
-    from proxy.server.runtime import RouteRuntime
+    from proxy.server.runtime import RouteRuntime, Runtime
 
 _NO_BODY_STATUSES = frozenset((204, 304))
 _JSON = "application/json"
@@ -73,18 +74,13 @@ class ProxyHandler:
                 record.code, record.outcome = exc.status, "rejected"
                 response = _error_response(exc.status, exc.reason, rt.name, exc.message, None)
                 return response
-            headers = build_upstream_headers(
-                request.headers,
-                route.upstream,
-                client_ip=request.remote,
-                client_scheme=request.scheme,
-                client_host=request.host,
-            )
-            call = Call(method, path_qs, headers, request.headers, body, record, None)
+            incoming = request.headers
+            make_headers = partial(build_upstream_headers, incoming, rt.header_plan, request)
+            call = Call(method, path_qs, make_headers, incoming, body, record, None)
             retry = route.retry
             if retry is not None and retry.idempotency_header is not None:
-                call.has_idempotency_key = retry.idempotency_header in request.headers
-            caller_ms = request.headers.get("X-Resilience-Timeout-Ms")
+                call.has_idempotency_key = retry.idempotency_header in incoming
+            caller_ms = incoming.get("X-Resilience-Timeout-Ms")
             if caller_ms is not None and caller_ms.isdigit() and int(caller_ms) > 0:
                 call.deadline = start + int(caller_ms) / 1000.0
             try:
@@ -117,11 +113,8 @@ class ProxyHandler:
             end = clock.now()
             rt.metrics.observe(record, end - start, rt.retry_enabled, end)
 
-    def _admit(self, request: web.BaseRequest, runtime: object) -> tuple[RouteRuntime, str]:
+    def _admit(self, request: web.BaseRequest, runtime: Runtime) -> tuple[RouteRuntime, str]:
         """Every refusal of DESIGN §5, then route matching; returns the route and upstream path."""
-        from proxy.server.runtime import Runtime
-
-        assert isinstance(runtime, Runtime)
         method = request.method
         if method == "CONNECT":
             raise ProxyError.bad_request("CONNECT is not supported: this is not a forward proxy")
@@ -183,41 +176,57 @@ class ProxyHandler:
         status = upstream.status
         record.code = status
         record.outcome = "upstream-status" if status >= 500 or status == 429 else "ok"
+        up_headers = upstream.headers
         headers = build_client_headers(
-            upstream.headers.items(),
-            upstream.headers.getall("Connection", ()),
-            rt.route,
-            f"{request.scheme}://{request.host}",
+            up_headers.items(), up_headers.getall("Connection", []), rt.route, request
         )
         headers["X-Resilience-Attempts"] = str(attempts)
-        response = PassthroughResponse(status=status, reason=upstream.reason, headers=headers)
-        no_body = request.method == "HEAD" or status in _NO_BODY_STATUSES
-        await response.prepare(request)
-        if no_body:
-            if result.writer is not None:
-                result.writer.finish()
+        writer = result.writer
+        content = upstream.content
+        if request.method == "HEAD" or status in _NO_BODY_STATUSES:
+            response: web.StreamResponse = PassthroughResponse(
+                status=status, reason=upstream.reason, headers=headers
+            )
+            await response.prepare(request)
+            if writer is not None:
+                writer.finish()
                 result.writer = None
             upstream.release()
             return response
-        writer = result.writer
+        if content.is_eof():
+            # The whole body arrived with the head (most API answers): one write, no timer.
+            body = content.read_nowait()
+            if writer is not None:
+                writer.feed(body)
+                writer.finish()
+                result.writer = None
+            upstream.release()
+            headers.popall("Content-Length", None)  # recomputed from the complete body
+            return PassthroughWholeResponse(
+                status=status, reason=upstream.reason, headers=headers, body=body
+            )
+        response = PassthroughResponse(status=status, reason=upstream.reason, headers=headers)
+        await response.prepare(request)
         idle = rt.route.timeout.idle
-        content = upstream.content
         client = rt.state.client
         client.streaming += 1
         try:
-            async with asyncio.timeout(None) as idle_timer:
-                loop = asyncio.get_running_loop()
-                while True:
-                    if idle is not None:
-                        idle_timer.reschedule(loop.time() + idle)
-                    chunk = await content.readany()
-                    if idle is not None:
-                        idle_timer.reschedule(None)
+            while True:
+                chunk = content.read_nowait()
+                if not chunk:
+                    if content.is_eof():
+                        break
+                    # Nothing buffered: only now does the idle timeout need a timer.
+                    if idle is None:
+                        chunk = await content.readany()
+                    else:
+                        async with asyncio.timeout(idle):
+                            chunk = await content.readany()
                     if not chunk:
                         break
-                    if writer is not None:
-                        writer.feed(chunk)
-                    await response.write(chunk)
+                if writer is not None:
+                    writer.feed(chunk)
+                await response.write(chunk)
         except (TimeoutError, aiohttp.ClientError) as exc:
             # Bytes already reached the client: the only honest signal left is to cut the
             # connection, so the client sees an incomplete response rather than a short one.
@@ -280,7 +289,18 @@ class ProxyHandler:
 
 
 class PassthroughResponse(web.StreamResponse):
-    """A response that adds no Server or Content-Type header the upstream did not send."""
+    """A streamed response that adds no Server or Content-Type the upstream did not send."""
+
+    async def _prepare_headers(self) -> None:
+        headers = self.headers
+        absent = [name for name in ("Server", "Content-Type") if name not in headers]
+        await super()._prepare_headers()
+        for name in absent:
+            headers.popall(name, None)
+
+
+class PassthroughWholeResponse(web.Response):
+    """A complete response sent in one write, adding nothing the upstream did not send."""
 
     async def _prepare_headers(self) -> None:
         headers = self.headers

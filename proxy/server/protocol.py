@@ -42,8 +42,6 @@ class ProxyProtocol(web_protocol.RequestHandler):
         self._in_request = False
 
     def data_received(self, data: bytes) -> None:
-        if data and not self._in_request and self._head_timer is None:
-            self._head_timer = self._loop.call_later(self._head_timeout, self._head_timed_out)
         before = self._request_count
         super().data_received(data)
         if self._request_count != before:
@@ -51,6 +49,10 @@ class ProxyProtocol(web_protocol.RequestHandler):
             if self._head_timer is not None:
                 self._head_timer.cancel()
                 self._head_timer = None
+        elif data and not self._in_request and self._head_timer is None:
+            # Part of a head arrived but not all of it: from now on it has a deadline. A
+            # head that arrives whole (the common case) never arms a timer.
+            self._head_timer = self._loop.call_later(self._head_timeout, self._head_timed_out)
 
     def _head_timed_out(self) -> None:
         self._head_timer = None

@@ -20,6 +20,7 @@ from proxy.observe.metrics import Metrics, RouteMetrics
 from proxy.resilience.breaker import Breaker
 from proxy.resilience.budget import RetryBudget
 from proxy.resilience.bulkhead import Bulkhead
+from proxy.server.forwarding import HeaderPlan
 from proxy.stages.call import Stage
 from proxy.stages.pipeline import RouteState, build_pipeline
 from proxy.upstream import UpstreamClient
@@ -38,6 +39,7 @@ class RouteRuntime:
     metrics: RouteMetrics
     retry_enabled: bool
     state: RouteState
+    header_plan: HeaderPlan
 
     def matches(self, path: str, host: str, method: str) -> bool:
         prefix = self.prefix
@@ -93,7 +95,7 @@ class Registry:
             self._retire(client)
             client = None
         if client is None:
-            client = self.clients[upstream.name] = UpstreamClient(upstream)
+            client = self.clients[upstream.name] = UpstreamClient(upstream, self.clock)
         return client
 
     def state_for(self, route: Route) -> RouteState:
@@ -189,6 +191,7 @@ def compile_runtime(
                 metrics=metrics.route(route.name, route.upstream.name),
                 retry_enabled="retry" in names,
                 state=state,
+                header_plan=HeaderPlan.for_upstream(route.upstream),
             )
         )
     registry.prune(config)

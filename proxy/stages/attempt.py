@@ -1,7 +1,9 @@
 """The innermost stage: one upstream attempt, bounded by the attempt timeout.
 
 The attempt deadline is `min(now + per_try, call.deadline)`: one timer per attempt serves
-both the per-try and the total timeout; which one fired decides `total_timeout`.
+both the per-try and the total timeout; which one fired decides `total_timeout`. The timer
+is a bare `call_later` that cancels the task (what `asyncio.timeout` does, without its
+per-use bookkeeping): this runs once per proxied request.
 """
 
 from __future__ import annotations
@@ -41,17 +43,19 @@ class AttemptStage(Stage):
                 return Result(failure="timeout", total_timeout=True)
         client = self.client
         client.in_flight += 1
+        cutoff: _Cutoff | None = None
+        handle: asyncio.TimerHandle | None = None
+        if limit is not None:
+            cutoff = _Cutoff()
+            handle = asyncio.get_running_loop().call_later(limit, cutoff.fire)
         try:
-            if limit is None:
-                response = await client.send(
-                    call.method, call.path_qs, call.headers, call.body.payload()
-                )
-            else:
-                async with asyncio.timeout(limit):
-                    response = await client.send(
-                        call.method, call.path_qs, call.headers, call.body.payload()
-                    )
-        except TimeoutError:
+            body = call.body
+            response = await client.send(
+                call.method, call.path_qs, call.headers, body.payload(), body.stream_length
+            )
+        except asyncio.CancelledError:
+            if cutoff is None or not cutoff.fired or cutoff.task.uncancel() > 0:
+                raise  # the client went away (or both happened): propagate
             return _failed(call, "timeout", clock.now() - start, False, total_bound)
         except UpstreamFailure as exc:
             if call.body.client_error is not None:
@@ -59,6 +63,8 @@ class AttemptStage(Stage):
             return _failed(call, exc.kind, clock.now() - start, exc.before_request, False)
         finally:
             client.in_flight -= 1
+            if handle is not None:
+                handle.cancel()
         duration = clock.now() - start
         status = response.status
         wait = None
@@ -69,6 +75,22 @@ class AttemptStage(Stage):
         result = Result(response)
         result.attempt = attempt
         return result
+
+
+class _Cutoff:
+    """Cancels the attempt's task when its deadline passes, and remembers that it did."""
+
+    __slots__ = ("fired", "task")
+
+    def __init__(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self.fired = False
+
+    def fire(self) -> None:
+        self.fired = True
+        self.task.cancel()
 
 
 def _failed(call: Call, kind: str, duration: float, before: bool, total: bool) -> Result:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-import aiohttp
 from multidict import CIMultiDict
 
 from proxy.observe.metrics import RequestRecord
@@ -19,6 +18,7 @@ if TYPE_CHECKING:
     from proxy.cache import EntryWriter, StaleHit
     from proxy.config.model import StaticFallback
     from proxy.resilience.classify import Attempt
+    from proxy.upstream import UpstreamResponse
 
 
 class ByteSource(Protocol):
@@ -51,6 +51,11 @@ class RequestBody:
         # Set when reading the client's body failed while streaming it upstream (too slow,
         # too large): the request is then the client's fault, not the upstream's.
         self.client_error: Exception | None = None
+
+    @property
+    def stream_length(self) -> int | None:
+        """The declared length of a streamed body (None: unknown, or buffered)."""
+        return self.length if self.buffered is None and not self.prefix else None
 
     @property
     def replayable(self) -> bool:
@@ -88,10 +93,11 @@ class Call:
     """One client request as the pipeline sees it."""
 
     __slots__ = (
+        "_headers",
+        "_make_headers",
         "body",
         "deadline",
         "has_idempotency_key",
-        "headers",
         "method",
         "path_qs",
         "record",
@@ -102,7 +108,7 @@ class Call:
         self,
         method: str,
         path_qs: str,
-        headers: CIMultiDict[str],
+        make_headers: Callable[[], CIMultiDict[str]],
         request_headers: Any,
         body: RequestBody,
         record: RequestRecord,
@@ -110,12 +116,22 @@ class Call:
     ) -> None:
         self.method = method
         self.path_qs = path_qs  # the upstream path and query, raw
-        self.headers = headers  # what is sent upstream
+        self._make_headers = make_headers
+        self._headers: CIMultiDict[str] | None = None
         self.request_headers = request_headers  # as the client sent them
         self.body = body
         self.record = record
         self.deadline = deadline  # monotonic; None: no total timeout
         self.has_idempotency_key = False
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        """What is sent upstream; built on the first attempt, so a request that a breaker or
+        bulkhead rejects never pays for it."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = self._make_headers()
+        return headers
 
 
 class Result:
@@ -135,7 +151,7 @@ class Result:
 
     def __init__(
         self,
-        response: aiohttp.ClientResponse | None = None,
+        response: UpstreamResponse | None = None,
         failure: str | None = None,
         *,
         retry_after: float | None = None,

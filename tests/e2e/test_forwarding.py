@@ -134,6 +134,7 @@ async def test_headers_rewritten_as_designed(basic, upstream, http):
         assert resp.headers["X-Kept"] == "yes"
         assert resp.headers.getall("Set-Cookie") == ["a=1", "b=2"]
         assert "Server" not in resp.headers
+        assert "Content-Type" not in resp.headers  # the upstream sent none; none is invented
     seen = upstream.requests[-1]
     names = seen.header_names()
     for hop in ("x-client-hop", "te", "proxy-authorization", "x-resilience-timeout-ms"):
@@ -447,3 +448,19 @@ async def test_failing_upstream_leaks_no_file_descriptors(basic, upstream, http)
     assert fds() - start < 10
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert fds() < soft
+
+
+async def test_max_connections_queues_instead_of_failing(proxy_factory, upstream, http):
+    text = BASIC.replace("  fwd:\n    url: {URL}/base/", "  fwd:\n    url: {URL}/base/\n    max_connections: 2")
+    p = await proxy_factory(text, URL=upstream.url)
+    upstream.default = Reply(delay=0.2, body=b"slow")
+
+    async def one(i):
+        async with http.get(p.url + f"/fwd/{i}") as resp:
+            return resp.status, await resp.read()
+
+    results = await asyncio.gather(*(one(i) for i in range(6)))
+    assert results == [(200, b"slow")] * 6
+    assert upstream.connections == 2  # the pool never opened a third connection
+    client = p.app.registry.clients["fwd"]
+    assert client.open_connections == 2 and client.in_flight == 0

@@ -48,7 +48,7 @@ async def test_removed_route_and_upstream_are_released_kept_state_survives(proxy
     assert p.app.registry.breakers[("ra", "a")] is breaker  # same state object, new policy
     assert breaker.snapshot()["consecutive_failures"] == 2
     assert "b" not in p.app.registry.clients
-    await poll(lambda: client_b._session is None, timeout=3)  # pool closed once idle
+    await poll(lambda: client_b.closed and client_b.open_connections == 0, timeout=3)  # pool closed once idle
     assert p.app.store.entries == 0  # the removed route's fallbacks are dropped
     async with http.get(p.url + "/b/x") as resp:
         assert resp.status == 404
