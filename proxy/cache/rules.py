@@ -30,6 +30,7 @@ from enum import StrEnum
 from multidict import MultiMapping
 
 from proxy.config.model import FallbackPolicy
+from proxy.headers import HOP_BY_HOP
 
 # RFC 9110 §15.1: statuses a cache may store without explicit freshness information.
 HEURISTICALLY_CACHEABLE: frozenset[int] = frozenset(
@@ -38,19 +39,6 @@ HEURISTICALLY_CACHEABLE: frozenset[int] = frozenset(
 
 # RFC 9110 §7.6.1 plus the proxy-only ones DESIGN §5 removes both ways. `Age` is also never
 # stored: the current age is recomputed when the entry is served.
-HOP_BY_HOP: frozenset[str] = frozenset(
-    (
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authorization",
-        "proxy-authenticate",
-    )
-)
 _NOT_STORED_HEADERS: frozenset[str] = HOP_BY_HOP | {"age"}
 
 # RFC 9111 §1.2.2: delta-seconds larger than this are capped to it.

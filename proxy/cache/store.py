@@ -483,7 +483,7 @@ def _expected_length(method: str, status: int, headers: MultiMapping[str]) -> in
     if len(values) != 1:
         return None
     value = values[0].strip()
-    return int(value) if value.isdigit() else None
+    return int(value) if value.isascii() and value.isdigit() else None
 
 
 def _head_size(key: RequestKey, headers: tuple[tuple[str, str], ...]) -> int:

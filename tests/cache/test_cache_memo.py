@@ -1,0 +1,224 @@
+"""The per-request fast paths of the fallback store: memoised header parses, interned
+anonymous keys, the in-place replacement of a hot entry. Each must give exactly what the
+uncached computation gives, stay bounded, and never mix up distinct inputs."""
+
+from __future__ import annotations
+
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.cache import FallbackStore, key, rules
+from proxy.cache.key import RequestKey
+from proxy.cache.store import KEY_MEMO_MAX, KEY_MEMO_URL_MAX
+from proxy.clock import FakeClock
+from proxy.config.model import CacheSettings, FallbackPolicy
+
+POLICY = FallbackPolicy(stale_if_error=3600.0)
+
+
+def hdrs(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
+    return CIMultiDictProxy(CIMultiDict(pairs))
+
+
+@pytest.fixture(autouse=True)
+def empty_memos() -> None:
+    rules._response_memo.clear()
+    rules._request_memo.clear()
+    rules._excluded_memo.clear()
+    key._accept_encoding_memo.clear()
+
+
+CC_VALUES = (
+    "max-age=60",
+    "public, max-age=60, stale-if-error=600",
+    'no-cache="Set-Cookie, X-Trace", max-age=5',
+    'private="X-User", s-maxage=10',
+    "must-revalidate, proxy-revalidate, no-store",
+    "max-age=abc, stale-if-error=-1",
+    "MAX-AGE=7",
+)
+
+
+@pytest.mark.parametrize("value", CC_VALUES)
+def test_response_directives_memo_equals_a_fresh_parse(value: str) -> None:
+    first = rules.response_directives(hdrs(("Cache-Control", value)))
+    second = rules.response_directives(hdrs(("Cache-Control", value)))
+    assert first == rules._response_directives([value])
+    assert second is first  # the second call is a memo hit
+    assert value in rules._response_memo
+
+
+def test_response_directives_several_field_lines_are_parsed_not_memoised() -> None:
+    headers = hdrs(("Cache-Control", "max-age=60"), ("Cache-Control", "max-age=5, private"))
+    cc = rules.response_directives(headers)
+    assert cc.max_age == 60  # the first occurrence wins across field lines
+    assert cc.private
+    assert not rules._response_memo
+
+
+def test_memos_are_bounded_and_skip_long_values() -> None:
+    for i in range(rules.MEMO_MAX + 10):
+        assert rules.response_directives(hdrs(("Cache-Control", f"max-age={i}"))).max_age == i
+        rules.request_directives(hdrs(("Cache-Control", f"max-stale={i}")))
+        key.normalise_accept_encoding([f"gzip;q=0.{i}"])
+    assert 0 < len(rules._response_memo) <= rules.MEMO_MAX
+    assert 0 < len(rules._request_memo) <= rules.MEMO_MAX
+    assert 0 < len(key._accept_encoding_memo) <= key._MEMO_MAX
+    rules._response_memo.clear()
+    long_value = "max-age=1, " + "x" * rules.MEMO_VALUE_MAX
+    assert rules.response_directives(hdrs(("Cache-Control", long_value))).max_age == 1
+    assert not rules._response_memo
+
+
+def test_request_directives_memo_equals_a_fresh_parse() -> None:
+    for value in ("no-cache", "max-stale", "max-stale=30", "no-store, max-stale=x"):
+        first = rules.request_directives(hdrs(("Cache-Control", value)))
+        assert first == rules._request_directives([value])
+        assert rules.request_directives(hdrs(("cache-control", value))) is first
+    assert rules.request_directives(hdrs(("Pragma", "no-cache"))).no_cache
+
+
+def test_accept_encoding_memo_equals_a_fresh_normalisation() -> None:
+    for value in ("gzip, br", "BR,gzip", "gzip; q=0.5", "", "identity"):
+        first = key.normalise_accept_encoding([value])
+        assert first == key._normalise_accept_encoding([value])
+        assert key.normalise_accept_encoding([value]) == first
+    assert key.normalise_accept_encoding(["gzip", "br"]) == "br,gzip"
+
+
+def test_storable_headers_memo_keeps_connection_and_drop_apart() -> None:
+    def stored(drop: frozenset[str] = frozenset(), connection: str | None = None) -> list[str]:
+        pairs = [("Content-Type", "a/b"), ("X-Trace", "1"), ("X-User", "u"), ("Age", "3")]
+        if connection is not None:
+            pairs.append(("Connection", connection))
+        return [name for name, _ in rules.storable_headers(hdrs(*pairs), drop=drop)]
+
+    for _ in range(2):  # the second round answers from the memo
+        assert stored() == ["Content-Type", "X-Trace", "X-User"]
+        assert stored(connection="keep-alive") == ["Content-Type", "X-Trace", "X-User"]
+        assert stored(connection="X-Trace") == ["Content-Type", "X-User"]
+        assert stored(frozenset({"x-user"})) == ["Content-Type", "X-Trace"]
+        assert stored(frozenset({"x-user"}), "x-trace") == ["Content-Type"]
+    assert len(rules._excluded_memo) == 4  # (no Connection, no drop) needs no memo
+
+
+def test_request_key_keeps_the_generated_dataclass_semantics() -> None:
+    parts = ("r", "GET", "http://u/x", None, True, "gzip", None)
+    a = RequestKey(*parts)
+    b = RequestKey(
+        route="r",
+        method="GET",
+        url="http://u/x",
+        partition=None,
+        shared=True,
+        accept_encoding="gzip",
+        body_hash=None,
+    )
+    assert a == b and hash(a) == hash(b) == hash(parts)
+    assert a != RequestKey("r", "GET", "http://u/x", None, False, "gzip", None)
+    assert a != RequestKey("r", "GET", "http://u/x", b"p", True, "gzip", None)
+    assert a != parts
+    assert repr(a).startswith("RequestKey(route='r', method='GET'")
+    with pytest.raises(AttributeError):
+        a.url = "other"  # type: ignore[misc]
+
+
+def _store() -> FallbackStore:
+    return FallbackStore(CacheSettings(), FakeClock(), secret=b"test-secret")
+
+
+def _key(store: FallbackStore, url: str = "http://u/x", *headers: tuple[str, str]) -> RequestKey:
+    return store.request_key(
+        route="r",
+        method="GET",
+        url=url,
+        headers=hdrs(*headers),
+        policy=POLICY,
+        body_hash=None,
+        upstream_injects_credentials=False,
+    )
+
+
+def test_anonymous_keys_are_interned_credentialed_ones_never() -> None:
+    store = _store()
+    assert _key(store) is _key(store)
+    assert _key(store) is not _key(store, "http://u/x", ("Accept-Encoding", "gzip"))
+    assert _key(store).shared and _key(store).partition is None
+    mine = _key(store, "http://u/x", ("Authorization", "Bearer a"))
+    assert mine == _key(store, "http://u/x", ("Authorization", "Bearer a"))
+    assert mine is not _key(store, "http://u/x", ("Authorization", "Bearer a"))
+    assert not mine.shared
+    injected = store.request_key(
+        route="r",
+        method="GET",
+        url="http://u/x",
+        headers=hdrs(),
+        policy=POLICY,
+        body_hash=None,
+        upstream_injects_credentials=True,
+    )
+    assert not injected.shared and injected != _key(store)
+
+
+def test_key_memo_is_bounded() -> None:
+    store = _store()
+    for i in range(KEY_MEMO_MAX + 5):
+        _key(store, f"http://u/{i}")
+    assert 0 < len(store._keys) <= KEY_MEMO_MAX
+    store._keys.clear()
+    long_url = "http://u/" + "x" * KEY_MEMO_URL_MAX
+    assert _key(store, long_url) == _key(store, long_url)
+    assert not store._keys
+
+
+def test_restoring_the_same_variant_replaces_it_in_place() -> None:
+    store = _store()
+    k = _key(store)
+    sizes = []
+    for body in (b"first", b"second, longer", b"3"):
+        writer = store.begin(
+            _key(store),
+            status=200,
+            headers=hdrs(("Cache-Control", "max-age=60")),
+            request_headers=hdrs(),
+            policy=POLICY,
+        )
+        assert writer is not None
+        writer.feed(body)
+        assert writer.finish()
+        sizes.append(store.bytes)
+    other = _key(store, "http://u/other")
+    writer = store.begin(other, status=200, headers=hdrs(), request_headers=hdrs(), policy=POLICY)
+    assert writer is not None
+    writer.feed(b"o")
+    assert writer.finish()
+    assert store.entries == 2
+    assert sizes[0] - sizes[2] == len(b"first") - len(b"3")
+    assert store.stats()["per_route"] == {"r": {"entries": 2, "bytes": store.bytes}}
+    hit = store.lookup(k, hdrs(), POLICY)
+    assert hit is not None and hit.body == b"3"
+
+
+def test_restoring_the_same_variant_makes_it_the_most_recently_used() -> None:
+    store = FallbackStore(
+        CacheSettings(max_bytes=3 * (256 + 64) + 200, max_entry_bytes=100),
+        FakeClock(),
+        secret=b"test-secret",
+    )
+
+    def put(url: str) -> None:
+        writer = store.begin(
+            _key(store, url), status=200, headers=hdrs(), request_headers=hdrs(), policy=POLICY
+        )
+        assert writer is not None
+        writer.feed(b"x" * 50)
+        assert writer.finish()
+
+    put("http://u/a")
+    put("http://u/b")
+    put("http://u/a")  # replaced in place: now newer than b
+    put("http://u/c")
+    put("http://u/d")  # over max_bytes: the least recently used (b) goes first
+    assert store.lookup(_key(store, "http://u/b"), hdrs(), POLICY) is None
+    assert store.lookup(_key(store, "http://u/a"), hdrs(), POLICY) is not None
+    assert store.evictions == 1
