@@ -49,6 +49,7 @@ from proxy.config.units import (
     parse_size,
     quote,
 )
+from proxy.headers import HOP_BY_HOP
 
 NAME_PATTERN = r"^[a-z0-9_.-]+$"
 # In the JSON Schema every typed scalar also accepts a string holding a `${...}` reference.
@@ -59,20 +60,11 @@ _NAME = re.compile(NAME_PATTERN)
 _HOSTNAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*\.?")
 
 # Headers the proxy owns or that describe one hop: never injected from the config.
-UNINJECTABLE_HEADERS = frozenset(
-    (
-        "host",
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-        "via",
-    )
-)
+UNINJECTABLE_HEADERS = (HOP_BY_HOP - {"proxy-authorization", "proxy-authenticate"}) | {
+    "host",
+    "content-length",
+    "via",
+}
 
 CONDITIONS_RETRY = ("connect-failure", "reset", "timeout")
 CONDITIONS_FALLBACK = ("breaker-open", "timeout", "connect-failure", "reset", "bulkhead-full")

@@ -14,23 +14,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config.model import Route, Upstream
 from proxy.errors import ProxyError
-
-VIA_VALUE = "1.1 resilience-proxy"
-
-# Removed in both directions (RFC 9110 §7.6.1), plus every header named in Connection.
-HOP_BY_HOP = frozenset(
-    (
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authorization",
-        "proxy-authenticate",
-    )
-)
+from proxy.headers import HOP_BY_HOP, VIA_VALUE
 
 _ENCODED_DOTS = ("%2e", "%2E")
 

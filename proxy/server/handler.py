@@ -16,10 +16,10 @@ from multidict import CIMultiDict
 
 from proxy.cache import cache_status_value
 from proxy.errors import MESSAGES, STATUS_FOR_FAILURE, ProxyError, error_body
+from proxy.headers import VIA_VALUE
 from proxy.observe.metrics import RequestRecord, observe_unrouted
 from proxy.server.body import BodyTooLarge, ClientBodyTimeout, prepare_body
 from proxy.server.forwarding import (
-    VIA_VALUE,
     build_client_headers,
     build_upstream_headers,
     split_target,
@@ -288,8 +288,9 @@ class ProxyHandler:
         )
 
 
-class PassthroughResponse(web.StreamResponse):
-    """A streamed response that adds no Server or Content-Type the upstream did not send."""
+class _AddsNothing(web.StreamResponse):
+    """aiohttp adds `Server` and a default `Content-Type` while preparing a response; a
+    proxy relays what the upstream sent and nothing else, so those are taken back out."""
 
     async def _prepare_headers(self) -> None:
         headers = self.headers
@@ -299,15 +300,12 @@ class PassthroughResponse(web.StreamResponse):
             headers.popall(name, None)
 
 
-class PassthroughWholeResponse(web.Response):
-    """A complete response sent in one write, adding nothing the upstream did not send."""
+class PassthroughResponse(_AddsNothing):
+    """A streamed upstream response."""
 
-    async def _prepare_headers(self) -> None:
-        headers = self.headers
-        absent = [name for name in ("Server", "Content-Type") if name not in headers]
-        await super()._prepare_headers()
-        for name in absent:
-            headers.popall(name, None)
+
+class PassthroughWholeResponse(_AddsNothing, web.Response):
+    """A complete upstream response, sent in one write."""
 
 
 def _error_response(
