@@ -248,3 +248,27 @@ async def test_retry_metrics_and_log_lines(proxy, upstream, http):
     assert (
         'resilience_proxy_requests_total{code="200",method="GET",outcome="ok",route="r"} 1.0' in text
     )
+
+
+async def test_body_over_max_body_streams_once_and_is_never_replayed(proxy, upstream, http):
+    body = b"b" * 200_000  # max_body defaults to 64 KiB
+    upstream.push(Reply(status=503), Reply(status=200))
+    async with http.put(proxy.url + "/r/big", data=body) as resp:
+        assert resp.status == 503
+        assert resp.headers["X-Resilience-Attempts"] == "1"
+    assert len(upstream.requests) == 1
+    assert upstream.requests[0].body == body
+    assert upstream.requests[0].header("Content-Length") == str(len(body))
+
+
+async def test_chunked_upload_of_unknown_length_is_forwarded_chunked(proxy, upstream, http):
+    async def gen():
+        for _ in range(50):
+            yield b"c" * 4096
+
+    async with http.put(proxy.url + "/r/chunked", data=gen()) as resp:
+        assert resp.status == 200
+    seen = upstream.requests[-1]
+    assert seen.body == b"c" * 4096 * 50
+    assert seen.header("Transfer-Encoding") == "chunked"
+    assert seen.header("Content-Length") is None
