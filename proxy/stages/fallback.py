@@ -60,16 +60,13 @@ class FallbackStage(Stage):
         elif result.failure not in policy.conditions:
             return result
         hit = self.store.lookup(key, call.request_headers, policy)
+        if hit is None and policy.static is None:
+            return result  # the proxy's own error, or the upstream's failing answer
+        result.discard()
+        replaced = Result(failure=result.failure)
+        replaced.attempt = result.attempt  # what failed, for X-Resilience-Reason and Cache-Status
         if hit is not None:
-            result.discard()
-            replaced = Result(failure=result.failure)
             replaced.stale = hit
-            replaced.attempt = result.attempt
-            return replaced
-        if policy.static is not None:
-            result.discard()
-            replaced = Result(failure=result.failure)
+        else:
             replaced.static = policy.static
-            replaced.attempt = result.attempt
-            return replaced
-        return result
+        return replaced
