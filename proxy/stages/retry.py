@@ -12,7 +12,7 @@ from proxy.config.model import RetryPolicy
 from proxy.observe.events import EventBus, RetryScheduled
 from proxy.resilience.backoff import backoff_delay
 from proxy.resilience.budget import RetryBudget
-from proxy.resilience.classify import RetryDecision, decide_retry, retry_reason
+from proxy.resilience.classify import RetryDecision, decide_retry, retry_reason, retry_wait
 from proxy.stages.call import Call, Result, Stage
 
 _NEVER_RETRIED = frozenset(("breaker-open", "bulkhead-full"))
@@ -52,9 +52,7 @@ class RetryStage(Stage):
             reason = retry_reason(policy.on, outcome)
             if reason is None:
                 return result
-            wait = backoff_delay(policy.backoff, attempt, self.rng)
-            if outcome.retry_after is not None and policy.retry_after.honor:
-                wait = max(wait, outcome.retry_after)
+            wait = retry_wait(policy, outcome, backoff_delay(policy.backoff, attempt, self.rng))
             time_left = None if call.deadline is None else call.deadline - self.clock.now()
             decision = decide_retry(
                 policy,
