@@ -184,7 +184,7 @@ class ProxyHandler:
         writer = result.writer
         content = upstream.content
         if request.method == "HEAD" or status in _NO_BODY_STATUSES:
-            response: web.StreamResponse = PassthroughResponse(
+            response: web.StreamResponse = StreamedResponse(
                 status=status, reason=upstream.reason, headers=headers
             )
             await response.prepare(request)
@@ -202,10 +202,8 @@ class ProxyHandler:
                 result.writer = None
             upstream.release()
             headers.popall("Content-Length", None)  # recomputed from the complete body
-            return PassthroughWholeResponse(
-                status=status, reason=upstream.reason, headers=headers, body=body
-            )
-        response = PassthroughResponse(status=status, reason=upstream.reason, headers=headers)
+            return WholeResponse(status=status, reason=upstream.reason, headers=headers, body=body)
+        response = StreamedResponse(status=status, reason=upstream.reason, headers=headers)
         await response.prepare(request)
         idle = rt.route.timeout.idle
         client = rt.state.client
@@ -266,7 +264,7 @@ class ProxyHandler:
             headers["X-Resilience-Attempts"] = str(attempts)
             headers.add("Via", VIA_VALUE)
             record.code, record.outcome = hit.status, "fallback-stale"
-            return web.Response(status=hit.status, headers=headers, body=hit.body)
+            return WholeResponse(status=hit.status, headers=headers, body=hit.body)
         if result.static is not None:
             static = result.static
             headers = CIMultiDict(static.headers)
@@ -276,7 +274,7 @@ class ProxyHandler:
             headers["Cache-Status"] = "resilience-proxy; fwd=uri-miss; detail=static-fallback"
             headers.add("Via", VIA_VALUE)
             record.code, record.outcome = static.status, "fallback-static"
-            return web.Response(status=static.status, headers=headers, body=static.body)
+            return WholeResponse(status=static.status, headers=headers, body=static.body)
         failure = failure or "reset"
         status = STATUS_FOR_FAILURE.get(failure, 502)
         record.code, record.outcome = status, failure
@@ -289,8 +287,9 @@ class ProxyHandler:
 
 
 class _AddsNothing(web.StreamResponse):
-    """aiohttp adds `Server` and a default `Content-Type` while preparing a response; a
-    proxy relays what the upstream sent and nothing else, so those are taken back out."""
+    """aiohttp adds `Server` and a default `Content-Type` while preparing a response; the
+    proxy relays what the upstream sent and nothing else (and does not advertise its own
+    software on the answers it makes itself), so those are taken back out."""
 
     async def _prepare_headers(self) -> None:
         headers = self.headers
@@ -300,12 +299,12 @@ class _AddsNothing(web.StreamResponse):
             headers.popall(name, None)
 
 
-class PassthroughResponse(_AddsNothing):
-    """A streamed upstream response."""
+class StreamedResponse(_AddsNothing):
+    """An upstream response relayed as its body arrives."""
 
 
-class PassthroughWholeResponse(_AddsNothing, web.Response):
-    """A complete upstream response, sent in one write."""
+class WholeResponse(_AddsNothing, web.Response):
+    """A complete response (upstream, fallback or the proxy's own), sent in one write."""
 
 
 def _error_response(
@@ -324,7 +323,9 @@ def _error_response(
     if extra:
         headers.update(extra)
     headers["Via"] = VIA_VALUE
-    response = web.Response(status=status, headers=headers, body=error_body(reason, route, message))
+    response = WholeResponse(
+        status=status, headers=headers, body=error_body(reason, route, message)
+    )
     if status in (400, 408, 413, 431, 501):
         response.force_close()
     return response

@@ -312,6 +312,7 @@ async def test_unreachable_upstream_is_502_connect_failure(proxy_factory, http):
         assert resp.status == 502
         assert resp.headers["X-Resilience-Reason"] == "connect-failure"
         body = await resp.json()
+        assert "Server" not in resp.headers  # the proxy does not advertise its software
         assert body["error"]["reason"] == "connect-failure"
         assert body["error"]["route"] == "api"
         assert "127.0.0.1" not in body["error"]["message"]
