@@ -57,7 +57,12 @@ class ProxyProtocol(web_protocol.RequestHandler):
     def _head_timed_out(self) -> None:
         self._head_timer = None
         transport = self.transport
-        if transport is None or self._in_request or transport.is_closing():
+        if (
+            transport is None
+            or self._in_request
+            or self._current_request is not None  # a (pipelined) request is being handled
+            or transport.is_closing()
+        ):
             return
         message = "the request head arrived too slowly"
         transport.write(_raw_response(408, "Request Timeout", "client-timeout", message))
