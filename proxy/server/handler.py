@@ -129,7 +129,10 @@ class ProxyHandler:
         for via in headers.getall("Via", ()):
             if "resilience-proxy" in via:
                 raise ProxyError(508, "loop", "the request already passed through this proxy")
-        if "Upgrade" in headers:
+        upgrade = headers.get("Upgrade")
+        if upgrade is not None and upgrade.strip().lower() != "h2c":
+            # An h2c offer (`curl --http2`) may be ignored (RFC 9110 §7.8): the request is
+            # served over HTTP/1.1. Anything else (WebSocket) needs a tunnel we do not offer.
             raise ProxyError(501, "upgrade", "protocol upgrades (WebSocket) are not supported")
         path, query = split_target(raw)
         rt = runtime.match(path, request.host, method)

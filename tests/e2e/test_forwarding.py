@@ -247,6 +247,16 @@ async def test_expect_100_continue_is_answered_by_the_proxy(basic, upstream):
     assert seen.header("Expect") is None
 
 
+async def test_h2c_upgrade_offer_is_ignored_and_served_over_http11(basic, upstream):
+    raw = await raw_request(
+        basic.port,
+        b"GET /api/x HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\nConnection: close\r\n\r\n",
+    )
+    assert status_of(raw) == 200
+    assert not {"upgrade", "http2-settings"} & upstream.requests[-1].header_names()
+
+
 async def test_refusals_never_reach_the_upstream(basic, upstream):
     cases = [
         (b"GET /api/a/../b HTTP/1.1\r\nHost: x\r\n\r\n", 400),
