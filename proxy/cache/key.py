@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 from multidict import MultiMapping
 
+from proxy.cache import rules
+
 # Request headers that identify a principal, always part of the partition.
 CREDENTIAL_HEADERS: tuple[str, ...] = ("authorization", "cookie")
 
@@ -124,12 +126,9 @@ def partition_of(
     return hmac.digest(secret, message, "sha256")
 
 
-# Normalised Accept-Encoding per distinct single field value: clients send a handful of
-# spellings. Bounded like the rules' memos: at most _MEMO_MAX values of at most
-# _MEMO_VALUE_MAX characters; emptied when full.
-_MEMO_MAX = 256
-_MEMO_VALUE_MAX = 512
-_accept_encoding_memo: dict[str, str] = {}
+# Normalised Accept-Encoding is memoised per distinct field value (clients send a handful of
+# spellings), bounded like the rules' memos (rules.FieldMemo).
+_MEMO_MAX = rules.MEMO_MAX
 
 
 def normalise_accept_encoding(values: Sequence[str]) -> str | None:
@@ -138,17 +137,7 @@ def normalise_accept_encoding(values: Sequence[str]) -> str | None:
     Absent → None (distinct from an empty field, which asks for identity)."""
     if not values:
         return None
-    if len(values) != 1:
-        return _normalise_accept_encoding(values)
-    value = values[0]
-    normalised = _accept_encoding_memo.get(value)
-    if normalised is None:
-        normalised = _normalise_accept_encoding(values)
-        if len(value) <= _MEMO_VALUE_MAX:
-            if len(_accept_encoding_memo) >= _MEMO_MAX:
-                _accept_encoding_memo.clear()
-            _accept_encoding_memo[value] = normalised
-    return normalised
+    return _accept_encoding_memo.lookup(values)
 
 
 def _normalise_accept_encoding(values: Sequence[str]) -> str:
@@ -160,6 +149,9 @@ def _normalise_accept_encoding(values: Sequence[str]) -> str:
                 members.append(compact)
     members.sort()
     return ",".join(members)
+
+
+_accept_encoding_memo = rules.FieldMemo(_normalise_accept_encoding)
 
 
 def parse_vary(values: Sequence[str]) -> tuple[str, ...]:

@@ -23,9 +23,10 @@ from __future__ import annotations
 import email.utils
 import functools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TypeVar
 
 from multidict import MultiMapping
 
@@ -50,6 +51,29 @@ DELTA_SECONDS_MAX = 2_147_483_648
 # repeat a handful of Cache-Control / Connection values, so almost every call is a hit.
 MEMO_MAX = 256
 MEMO_VALUE_MAX = 512
+
+T = TypeVar("T")
+
+
+class FieldMemo(dict[str, T]):
+    """`parse(values)` of a header field, memoised by its raw value when it is one line."""
+
+    def __init__(self, parse: Callable[[Sequence[str]], T]) -> None:
+        super().__init__()
+        self._parse = parse
+
+    def lookup(self, values: Sequence[str]) -> T:
+        if len(values) != 1:
+            return self._parse(values)
+        value = values[0]
+        result = self.get(value)
+        if result is None:
+            result = self._parse(values)
+            if len(value) <= MEMO_VALUE_MAX:
+                if len(self) >= MEMO_MAX:
+                    self.clear()
+                self[value] = result
+        return result
 
 
 class Refusal(StrEnum):
@@ -163,26 +187,13 @@ class ResponseDirectives:
 NO_RESPONSE_DIRECTIVES = ResponseDirectives()
 
 
-_response_memo: dict[str, ResponseDirectives] = {}
-
-
 def response_directives(headers: MultiMapping[str]) -> ResponseDirectives:
     """The response's Cache-Control, parsed once per distinct single field value (memoised:
     the result is immutable)."""
     values = headers.getall("cache-control", ())
     if not values:
         return NO_RESPONSE_DIRECTIVES
-    if len(values) != 1:
-        return _response_directives(values)
-    value = values[0]
-    cc = _response_memo.get(value)
-    if cc is None:
-        cc = _response_directives(values)
-        if len(value) <= MEMO_VALUE_MAX:
-            if len(_response_memo) >= MEMO_MAX:
-                _response_memo.clear()
-            _response_memo[value] = cc
-    return cc
+    return _response_memo.lookup(values)
 
 
 def _response_directives(values: Sequence[str]) -> ResponseDirectives:
@@ -222,7 +233,7 @@ class RequestDirectives:
 NO_REQUEST_DIRECTIVES = RequestDirectives()
 
 
-_request_memo: dict[str, RequestDirectives] = {}
+_response_memo = FieldMemo(_response_directives)
 
 
 def request_directives(headers: MultiMapping[str]) -> RequestDirectives:
@@ -234,17 +245,7 @@ def request_directives(headers: MultiMapping[str]) -> RequestDirectives:
             if "no-cache" in parse_directives((pragma,)):
                 return RequestDirectives(no_cache=True)
         return NO_REQUEST_DIRECTIVES
-    if len(values) != 1:
-        return _request_directives(values)
-    value = values[0]
-    cc = _request_memo.get(value)
-    if cc is None:
-        cc = _request_directives(values)
-        if len(value) <= MEMO_VALUE_MAX:
-            if len(_request_memo) >= MEMO_MAX:
-                _request_memo.clear()
-            _request_memo[value] = cc
-    return cc
+    return _request_memo.lookup(values)
 
 
 def _request_directives(values: Sequence[str]) -> RequestDirectives:
@@ -256,6 +257,9 @@ def _request_directives(values: Sequence[str]) -> RequestDirectives:
     return RequestDirectives(
         no_cache="no-cache" in d, no_store="no-store" in d, max_stale=max_stale
     )
+
+
+_request_memo = FieldMemo(_request_directives)
 
 
 def freshness_lifetime(
