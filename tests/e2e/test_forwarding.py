@@ -475,3 +475,25 @@ async def test_max_connections_queues_instead_of_failing(proxy_factory, upstream
     assert upstream.connections == 2  # the pool never opened a third connection
     client = p.app.registry.clients["fwd"]
     assert client.open_connections == 2 and client.in_flight == 0
+
+
+async def test_connection_close_from_upstream_is_not_reused(basic, upstream, http):
+    upstream.push(Reply(headers={"Connection": "close"}, body=b"one"))
+    async with http.get(basic.url + "/api/1") as resp:
+        assert await resp.read() == b"one"
+        assert "Connection" not in resp.headers or resp.headers["Connection"] != "close"
+    upstream.push(Reply(body=b"two"))
+    async with http.get(basic.url + "/api/2") as resp:
+        assert resp.status == 200 and await resp.read() == b"two"
+    assert upstream.connections == 2
+
+
+async def test_idle_connection_closed_by_the_upstream_is_replaced(basic, upstream, http):
+    async with http.get(basic.url + "/api/warm") as resp:
+        await resp.read()
+    for writer in list(upstream._writers):  # the upstream drops its idle keep-alive connection
+        writer.transport.abort()
+    await asyncio.sleep(0.05)
+    async with http.get(basic.url + "/api/again") as resp:
+        assert resp.status == 200
+        assert resp.headers["X-Resilience-Attempts"] == "1"
