@@ -83,8 +83,7 @@ class ProxyApp:
 
     # -- request accounting (for the quiet period) -------------------------------------
     def requests_started(self) -> None:
-        self.active += 1
-        self.last_activity = self.clock.now()
+        self.active += 1  # while > 0 the quiet period cannot have begun
 
     def requests_finished(self) -> None:
         self.active -= 1

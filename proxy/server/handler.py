@@ -25,7 +25,7 @@ from proxy.server.forwarding import (
     split_target,
     upstream_path,
 )
-from proxy.stages.call import Call, RequestBody, Result
+from proxy.stages.call import EMPTY_BODY, Call, RequestBody, Result
 
 if TYPE_CHECKING:
     from proxy.server.app import ProxyApp
@@ -141,6 +141,8 @@ class ProxyHandler:
         return rt, upstream_path(rt.route, path) + query
 
     async def _read_body(self, request: web.BaseRequest, rt: RouteRuntime) -> RequestBody:
+        if not request.body_exists:
+            return EMPTY_BODY  # most requests: nothing to read, check or buffer
         limits = self.app.runtime.config.limits
         route = rt.route
         replay = route.retry.max_body if route.retry is not None else 0
