@@ -272,3 +272,10 @@ async def test_chunked_upload_of_unknown_length_is_forwarded_chunked(proxy, upst
     assert seen.body == b"c" * 4096 * 50
     assert seen.header("Transfer-Encoding") == "chunked"
     assert seen.header("Content-Length") is None
+
+
+async def test_retries_reuse_the_connection_of_a_short_failed_answer(proxy, upstream, http):
+    upstream.push(Reply(status=503, body=b"busy"), Reply(status=503, body=b"busy"), Reply(body=b"ok"))
+    async with http.get(proxy.url + "/r/x") as resp:
+        assert resp.status == 200
+    assert upstream.connections == 1
