@@ -256,10 +256,6 @@ class ProxyApp:
     async def wait_stopped(self) -> None:
         await self._stop.wait()
 
-    def request_stop(self) -> None:
-        self.draining = True
-        self._stop.set()
-
     async def drain_and_stop(self) -> None:
         policy = self.config.shutdown
         clock = self.clock

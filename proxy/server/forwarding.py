@@ -47,14 +47,6 @@ def _decode_dots(segment: str) -> str:
     return segment
 
 
-def prefix_matches(prefix: str, path: str) -> bool:
-    """Segment-wise prefix match: '/api' matches '/api' and '/api/x', never '/apix'."""
-    if prefix == "/":
-        return True
-    bare = prefix.rstrip("/")
-    return path == bare or path.startswith(bare + "/")
-
-
 def upstream_path(route: Route, path: str) -> str:
     """The path sent upstream: base + "/" + rest, the rest forwarded byte for byte."""
     rest = path

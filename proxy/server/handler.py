@@ -28,12 +28,12 @@ from proxy.server.forwarding import (
 from proxy.stages.call import EMPTY_BODY, Call, RequestBody, Result
 
 if TYPE_CHECKING:
+    from proxy.config.model import Limits
     from proxy.server.app import ProxyApp
     from proxy.server.runtime import RouteRuntime, Runtime
 
 _NO_BODY_STATUSES = frozenset((204, 304))
 _JSON = "application/json"
-_HOP_CONNECTION = ("connection",)
 
 
 class ProxyHandler:
@@ -69,7 +69,7 @@ class ProxyHandler:
         result: Result | None = None
         try:
             try:
-                body = await self._read_body(request, rt)
+                body = await self._read_body(request, rt, runtime.config.limits)
             except ProxyError as exc:
                 record.code, record.outcome = exc.status, "rejected"
                 response = _error_response(exc.status, exc.reason, rt.name, exc.message, None)
@@ -92,7 +92,7 @@ class ProxyHandler:
                 )
             except BodyTooLarge:
                 record.code, record.outcome = 413, "rejected"
-                limit = app.runtime.config.limits.max_request_body
+                limit = runtime.config.limits.max_request_body
                 return _error_response(
                     413, "body-too-large", rt.name, f"the request body exceeds {limit} bytes", None
                 )
@@ -140,10 +140,12 @@ class ProxyHandler:
             raise ProxyError(404, "no-route", "no route matches this request")
         return rt, upstream_path(rt.route, path) + query
 
-    async def _read_body(self, request: web.BaseRequest, rt: RouteRuntime) -> RequestBody:
+    async def _read_body(
+        self, request: web.BaseRequest, rt: RouteRuntime, limits: Limits
+    ) -> RequestBody:
+        """The request body, read under the limits of the config the request started with."""
         if not request.body_exists:
             return EMPTY_BODY  # most requests: nothing to read, check or buffer
-        limits = self.app.runtime.config.limits
         route = rt.route
         replay = route.retry.max_body if route.retry is not None else 0
         fallback = route.fallback

@@ -42,9 +42,8 @@ class RouteRuntime:
     header_plan: HeaderPlan
 
     def matches(self, path: str, host: str, method: str) -> bool:
-        prefix = self.prefix
+        prefix = self.prefix  # segment-wise: /api (or /api/) matches /api and /api/x, not /apix
         if prefix and not (path == prefix or path.startswith(prefix + "/")):
-            # A prefix given with a trailing slash also matches the bare path.
             return False
         if self.methods is not None and method not in self.methods:
             return False
