@@ -10,7 +10,18 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from proxy import __version__
+from proxy.version import version_text
+
+
+class _PrintVersion(argparse.Action):
+    """`--version`: the same line as `version`; git is asked only when the flag is given."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(version_text())
+        parser.exit()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
         description="A sidecar reverse proxy with per-route timeouts, retries, circuit "
         "breakers, bulkheads and cached fallbacks.",
     )
+    parser.add_argument("--version", action=_PrintVersion, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("run", "serve"), ("check", "validate the config and print every problem")):
         cmd = sub.add_parser(name, help=text)
@@ -40,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "version":
-        print(__version__)
+        print(version_text())
         return 0
     from proxy.config import ConfigInvalid, default_config_path, json_schema, load_config
 

@@ -112,6 +112,9 @@ def test_installed_cli_reports_the_version(installed: Installed) -> None:
     result = installed.run("version")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == proxy.__version__
+    # Outside a checkout there is no revision to name: the flag prints the bare release too.
+    flag = installed.run("--version")
+    assert flag.returncode == 0 and flag.stdout == result.stdout, flag.stderr
 
 
 def test_installed_package_is_the_wheel_not_the_repository(installed: Installed) -> None:
