@@ -312,7 +312,8 @@ def test_sidecar_receives_every_secret_its_config_references(
     text = (BASE / "proxy.yaml").read_text("utf-8")
     referenced = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", text))
     from_secret = referenced & set(secret_example["stringData"])
-    assert {"HF_TOKEN", "GITHUB_TOKEN", "RESILIENCE_PROXY_ADMIN_TOKEN"} <= from_secret
+    assert {"HF_TOKEN", "GITHUB_TOKEN", "RESILIENCE_PROXY_ADMIN_TOKEN", "CLOUDINARY_API_KEY",
+            "CLOUDINARY_API_SECRET"} <= from_secret  # fmt: skip
     env = env_of(sidecar)
     for name in from_secret:
         assert env[name]["valueFrom"]["secretKeyRef"]["key"] == name
@@ -329,13 +330,15 @@ def test_agent_base_urls_point_at_configured_routes(
     base = re.compile(rf"^http://{re.escape(host)}:{port}(/[^?]*)$")
     env = env_of(agent)
     expected = {
-        "HF_INFERENCE_ENDPOINT": "/huggingface",
-        "HF_BASE_URL": "/huggingface",
+        "HF_ENDPOINT": "/huggingface-hub",  # read by huggingface_hub (tests/sdk)
+        "HF_BASE_URL": "/huggingface",  # conventions for the agent's own code
         "HUGGINGFACE_BASE_URL": "/huggingface",
-        "HF_ENDPOINT": "/huggingface-hub",
-        "CLOUDINARY_UPLOAD_PREFIX": "/cloudinary",
         "GITHUB_API_URL": "/github",
     }
+    # Settings no SDK reads the way the old comments claimed: never offered again.
+    # (CLOUDINARY_UPLOAD_PREFIX is read only while CLOUDINARY_CLOUD_NAME is set, which the
+    # agent, configured by CLOUDINARY_URL, does not set.)
+    assert not {"HF_INFERENCE_ENDPOINT", "CLOUDINARY_UPLOAD_PREFIX"} & set(env)
     for name, prefix in expected.items():
         match = base.match(env[name]["value"])
         assert match, f"{name}={env[name]['value']}"
@@ -343,10 +346,16 @@ def test_agent_base_urls_point_at_configured_routes(
     cloudinary_url = secret_example["stringData"]["CLOUDINARY_URL"]
     upload_prefix = cloudinary_url.partition("upload_prefix=")[2]
     assert upload_prefix == f"http://{host}:{port}/cloudinary"
+    assert env["CLOUDINARY_URL"]["valueFrom"]["secretKeyRef"]["key"] == "CLOUDINARY_URL"
+    # The agent holds no provider token: the sidecar injects them.
+    assert not {"HF_TOKEN", "GITHUB_TOKEN", "CLOUDINARY_API_SECRET"} & set(env)
 
 
 def test_routes_forward_to_the_providers_the_sdks_expect(proxy_config: dict[str, Any]) -> None:
-    upstreams = {name: u["url"] for name, u in proxy_config["upstreams"].items()}
+    raw = {name: u["url"] for name, u in proxy_config["upstreams"].items()}
+    # The Admin API's Basic credentials come from the environment, never from the file.
+    assert raw["cloudinary"].startswith("https://${CLOUDINARY_API_KEY:-}:${CLOUDINARY_API_SECRET:-}@")
+    upstreams = {name: re.sub(r"//[^/]*@", "//", url) for name, url in raw.items()}
     by_prefix = {
         r["match"]["path_prefix"]: upstreams[r["upstream"]] for r in proxy_config["routes"]
     }
