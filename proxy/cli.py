@@ -91,12 +91,34 @@ def _run(config: object, path: str, level: str) -> int:
         return 0
 
 
+def exposed_credentials(config: object) -> list[str]:
+    """The upstreams whose injected credentials a non-loopback proxy listener offers to
+    whoever reaches it (`allow_remote_clients: true`); empty on loopback."""
+    from proxy.config.model import Config
+    from proxy.config.schema import is_loopback
+
+    assert isinstance(config, Config)
+    if is_loopback(config.listen_host.strip("[]")):
+        return []
+    return sorted(name for name, up in config.upstreams.items() if up.injects_credentials)
+
+
 async def _serve(config: object, path: str) -> int:
     from proxy.config.model import Config
     from proxy.observe import log
     from proxy.server.app import ProxyApp
 
     assert isinstance(config, Config)
+    exposed = exposed_credentials(config)
+    if exposed:
+        log.warning(
+            "remote_clients_allowed",
+            listen=_address(config.listen_host, config.listen_port),
+            upstreams=exposed,
+            message="the proxy listener is not on loopback and these upstreams inject "
+            "credentials: anyone who can reach it can use them; keep the port on a trusted "
+            "network, or listen on 127.0.0.1",
+        )
     app = ProxyApp(config, path)
     try:
         await app.start()
@@ -108,3 +130,7 @@ async def _serve(config: object, path: str) -> int:
     await app.wait_stopped()
     await app.drain_and_stop()
     return 0
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,6 +1,6 @@
 """The image's install path without a Docker engine: build the wheel from exactly the files
 the Dockerfile's builder stage copies, install it into a fresh virtualenv (dependencies from
-the package index, as `pip wheel` in the builder gets them), and run the installed CLI.
+requirements.lock with their hashes, as the image gets them), and run the installed CLI.
 
 The slowest check of the suite (a wheel build and a dependency install, about 30 s with a warm
 pip cache); it runs in `make test` because it is the only check of the packaging itself.
@@ -89,7 +89,14 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     subprocess.run(
         [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120
     )
-    pip(sys.executable, "--python", str(venv / "bin" / "python"), "install", str(wheel))
+    python = str(venv / "bin" / "python")
+    # As the image installs it: the locked dependencies, every file checked against its hash
+    # (pip refuses an unpinned or unhashed requirement in this mode, so a dependency missing
+    # from the lock fails here), then the project's wheel alone.
+    pip(sys.executable, "--python", python, "install", "--require-hashes",
+        "--only-binary=:all:", "-r", str(REPO / "requirements.lock"))  # fmt: skip
+    pip(sys.executable, "--python", python, "install", "--no-deps", str(wheel))
+    pip(sys.executable, "--python", python, "check")
     workdir = tmp / "work"
     workdir.mkdir()
     yield Installed(wheel, venv, source, workdir)
