@@ -8,9 +8,12 @@ import json
 import os
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.version import version_text
+
+if TYPE_CHECKING:
+    from proxy.config.model import Config
 
 
 class _PrintVersion(argparse.Action):
@@ -91,13 +94,11 @@ def _run(config: object, path: str, level: str) -> int:
         return 0
 
 
-def exposed_credentials(config: object) -> list[str]:
+def exposed_credentials(config: Config) -> list[str]:
     """The upstreams whose injected credentials a non-loopback proxy listener offers to
     whoever reaches it (`allow_remote_clients: true`); empty on loopback."""
-    from proxy.config.model import Config
     from proxy.config.schema import is_loopback
 
-    assert isinstance(config, Config)
     if is_loopback(config.listen_host.strip("[]")):
         return []
     return sorted(name for name, up in config.upstreams.items() if up.injects_credentials)
