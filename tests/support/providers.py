@@ -93,11 +93,8 @@ class FakeProvider:
         app.middlewares.append(self._record)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.port = self._runner.addresses[0][1]
         return self
 
     async def close(self) -> None:
@@ -326,13 +323,13 @@ async def run_sdk(script: str, tmp_path: Path, **env: str) -> Any:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    async with asyncio.timeout(90):
-        out, err = await process.communicate()
+    try:
+        async with asyncio.timeout(90):
+            out, err = await process.communicate()
+    except TimeoutError:
+        process.kill()  # never leave an SDK process behind
+        await process.wait()
+        raise
     if process.returncode != 0:
         raise SdkFailed(err.decode("utf-8", "replace")[-3000:])
     return json.loads(out.decode().strip().splitlines()[-1])
-
-
-def tokens() -> tuple[str, ...]:
-    """Every credential the proxy holds: none may reach an SDK's environment."""
-    return (GITHUB_TOKEN, HF_TOKEN, CLOUDINARY_SECRET)
