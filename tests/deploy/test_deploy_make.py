@@ -4,6 +4,7 @@ hash-checked lock; `make test` the dev tools on top."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,9 +16,11 @@ from deploy_support import REPO
 def dry_run(target: str, venv: Path) -> list[str]:
     make = shutil.which("make")
     assert make is not None, "make is required (the project's entry points are make targets)"
+    # Not the settings of a `make test` this suite may run under (MAKEFLAGS, MAKELEVEL).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
     result = subprocess.run(
-        [make, "-n", target, f"VENV={venv}"],
-        cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
+        [make, "--no-print-directory", "-n", target, f"VENV={venv}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     return result.stdout.splitlines()
 
