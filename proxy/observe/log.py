@@ -17,6 +17,7 @@ from proxy.observe.events import (
     BreakerTransitioned,
     ConfigReloaded,
     Event,
+    FailedOver,
     PgStatusChanged,
     RetryScheduled,
 )
@@ -136,4 +137,13 @@ def on_event(event: Event) -> None:
             attempt=event.attempt,
             reason=event.reason,
             wait=round(event.wait, 3),
+        )
+    elif isinstance(event, FailedOver):
+        emit(
+            logging.INFO,
+            "failover",
+            route=event.route,
+            from_upstream=event.from_upstream,
+            to_upstream=event.to_upstream,
+            reason=event.reason,
         )

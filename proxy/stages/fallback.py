@@ -25,7 +25,8 @@ class FallbackStage(Stage):
         self.url_base = route.upstream.url[
             : len(route.upstream.url) - len(route.upstream.base_path)
         ]
-        self.injects_credentials = route.upstream.injects_credentials
+        # Any target that adds credentials makes the store that principal's private cache.
+        self.injects_credentials = any(t.injects_credentials for t in route.targets)
 
     def _key(self, call: Call, method: str, body_hash: str | None) -> RequestKey:
         return self.store.request_key(
