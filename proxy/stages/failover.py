@@ -141,7 +141,7 @@ class FailoverStage(Stage):
                 result.failover = why
                 call.hop = (index + 1, why)
                 return result
-        if result.response is not None:
+        if outcome is not None and outcome.status is not None:  # this target answered
             self.serving.upstream = self.names[index]
         return result
 
