@@ -248,9 +248,18 @@ async def breaker_action(request: web.Request) -> web.Response:
     action = request.match_info["action"]
     if action not in BREAKER_ACTIONS:
         return _json({"error": {"reason": "bad-request", "message": "unknown action"}}, 404)
-    found = [(key, b) for key, b in app.registry.breakers.items() if key[0] == route_name]
+    # `?upstream=NAME`: one target of a failover route (e.g. force the primary open to move
+    # its traffic to the next target); without it, every target's breaker of the route.
+    upstream = request.query.get("upstream")
+    found = [
+        (key, b)
+        for key, b in app.registry.breakers.items()
+        if key[0] == route_name and (upstream is None or key[1] == upstream)
+    ]
     if not found:
         message = "no route with a circuit breaker has this name"
+        if upstream is not None:
+            message = "no route with a circuit breaker has this name and upstream"
         return _json(
             {"error": {"reason": "not-found", "route": route_name, "message": message}}, 404
         )
@@ -259,7 +268,8 @@ async def breaker_action(request: web.Request) -> web.Response:
             breaker.reset()
         else:
             breaker.force(BREAKER_ACTIONS[action])
-    return _json({"route": route_name, "breakers": [b.snapshot() for _, b in found]})
+    breakers = [{"upstream": key[1], **b.snapshot()} for key, b in found]
+    return _json({"route": route_name, "breakers": breakers})
 
 
 async def reload_config(request: web.Request) -> web.Response:

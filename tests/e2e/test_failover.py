@@ -306,3 +306,50 @@ async def test_reload_keeps_each_targets_breaker_and_drops_a_removed_target(
         assert (await r.json())["result"] == "ok"
     route = await status_route(http, proxy, "fo")
     assert [t["breaker"]["state"] for t in route["targets"]] == ["open", "open", "closed"]
+
+
+async def test_an_operator_can_force_one_target_open_to_move_its_traffic(proxy, trio, http):
+    a, b, _ = trio
+    token = {"Authorization": "Bearer tok"}
+    async with http.post(proxy.admin + "/breakers/fo/open?upstream=a", headers=token) as resp:
+        body = await resp.json()
+        assert resp.status == 200
+        assert [(x["upstream"], x["state"]) for x in body["breakers"]] == [("a", "forced_open")]
+    status, headers, _ = await get(http, proxy.url + "/fo/x")
+    assert status == 200 and headers["X-Resilience-Upstream"] == "b" and a.requests == []
+    route = await status_route(http, proxy, "fo")
+    assert [t["breaker"]["state"] for t in route["targets"]] == ["forced_open", "closed", "closed"]
+    async with http.post(proxy.admin + "/breakers/fo/reset?upstream=a", headers=token) as resp:
+        assert resp.status == 200
+    _, headers, _ = await get(http, proxy.url + "/fo/x")
+    assert headers["X-Resilience-Upstream"] == "a"
+    async with http.post(proxy.admin + "/breakers/fo/open?upstream=zz", headers=token) as resp:
+        assert resp.status == 404
+
+
+async def test_a_secondarys_redirect_is_rewritten_against_its_own_url(proxy, trio, http):
+    a, b, c = trio
+    a.default = Reply(status=503)
+    b.push(Reply(status=302, headers={"Location": f"{b.url}/next?page=2"}, body=b""))
+    async with http.get(proxy.url + "/fo/list", allow_redirects=False) as resp:
+        assert resp.status == 302 and resp.headers["X-Resilience-Upstream"] == "b"
+        assert resp.headers["Location"] == "/fo/next?page=2"
+    a.push(Reply(status=503))
+    c.push(Reply(status=302, headers={"Location": f"{c.url}/mirror/other"}, body=b""))
+    b.push(Reply(status=503))
+    async with http.get(proxy.url + "/fo/list", allow_redirects=False) as resp:
+        assert resp.headers["X-Resilience-Upstream"] == "c"
+        assert resp.headers["Location"] == "/fo/other"
+
+
+async def test_a_slow_primary_hands_over_after_its_attempt_timeout(proxy_factory, trio, http):
+    a, b, c = trio
+    p = await proxy_factory(CONFIG.replace("per_try: 1s", "per_try: 200ms"),
+                            A=a.url, B=b.url, C=c.url)
+    a.default = Reply(action="hang")
+    b.default = Reply(body=b"from b")
+    began = time.monotonic()
+    status, headers, body = await get(http, p.url + "/fo/x")
+    assert (status, body, headers["X-Resilience-Upstream"]) == (200, b"from b", "b")
+    assert 0.19 <= time.monotonic() - began < 0.8
+    await poll(lambda: a.cancelled == 1)  # the primary's attempt was cancelled, not leaked
