@@ -19,6 +19,8 @@ trial permit the next request is that trial, and traffic returns as soon as it r
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from proxy.clock import Clock
 from proxy.config.model import FailoverPolicy, RetryPolicy
 from proxy.observe.events import EventBus, FailedOver
@@ -40,6 +42,7 @@ class Serving:
 
 class FailoverStage(Stage):
     __slots__ = (
+        "admits",
         "bus",
         "chains",
         "clock",
@@ -62,9 +65,13 @@ class FailoverStage(Stage):
         clock: Clock,
         bus: EventBus,
         serving: Serving,
+        admits: tuple[Callable[[], bool], ...] | None = None,
     ) -> None:
         super().__init__(chains[0])
         self.chains = chains
+        # Per target: whether its breaker (and quota) would admit an attempt now, asked
+        # without taking anything; None: every target admits (no breakers).
+        self.admits = admits
         self.names = names
         self.route = route
         self.policy = policy
@@ -137,13 +144,28 @@ class FailoverStage(Stage):
         outcome = result.attempt
         if outcome is not None and not result.total_timeout and index < last:
             why = failover_reason(self.policy, outcome)
-            if why is not None:
+            if why is not None and self._reachable(index + 1):
                 result.failover = why
                 call.hop = (index + 1, why)
                 return result
         if outcome is not None and outcome.status is not None:  # this target answered
             self.serving.upstream = self.names[index]
         return result
+
+    def _reachable(self, start: int) -> bool:
+        """Would an attempt starting at target `start` be sent somewhere? Not when every
+        target from there on refuses (or the first refusal is not one `on` skips): then the
+        failed answer in hand is returned rather than traded for a refusal."""
+        admits = self.admits
+        if admits is None:
+            return True
+        skips = "breaker-open" in self.policy.conditions
+        for index in range(start, len(admits)):
+            if admits[index]():
+                return True
+            if not skips:
+                return False
+        return False
 
     def _moved(self, source: int, target: int, reason: str) -> None:
         self.bus.emit(FailedOver(self.route, self.names[source], self.names[target], reason))

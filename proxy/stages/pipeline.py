@@ -167,6 +167,7 @@ def build_pipeline(
             clock,
             bus,
             state.serving,
+            tuple(_admits(target) for target in state.targets),
         )
         names.append(FAILOVER)
     for name, build in reversed(ROUTE_ORDER):
@@ -175,6 +176,16 @@ def build_pipeline(
             stage = wrapped
             names.append(name)
     return stage, tuple(reversed(names))
+
+
+def _admits(target: TargetState) -> Callable[[], bool]:
+    """Whether the target's own refusing stages would let an attempt through now. The quota
+    stage, when it lands, must be asked here too (its refusal is also skipped)."""
+    return target.breaker.admits if target.breaker is not None else _always
+
+
+def _always() -> bool:
+    return True
 
 
 def target_route(route: Route, index: int) -> Route:

@@ -24,6 +24,7 @@ from proxy.resilience.classify import (
 from proxy.stages.call import Call, Result, Stage
 
 _NEVER_RETRIED = frozenset(("breaker-open", "bulkhead-full"))
+_REFUSALS = frozenset(("breaker-open", "quota"))  # nothing was sent
 
 
 class RetryStage(Stage):
@@ -56,6 +57,11 @@ class RetryStage(Stage):
             result = await self.next(call)
             outcome = result.attempt
             if outcome is None or result.failure in _NEVER_RETRIED or result.total_timeout:
+                if outcome is None and attempt > 1 and result.failure in _REFUSALS:
+                    # The retry was refused before anything was sent (the breaker opened
+                    # during the backoff): it costs no budget and is not counted.
+                    self.budget.release()
+                    call.record.retries.pop()
                 return result
             reason = result.failover
             if reason is not None:

@@ -4,6 +4,7 @@ scripted target chains; with and without the retry stage outside it. Nothing sle
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from multidict import CIMultiDict
 
@@ -17,7 +18,7 @@ from proxy.config.model import (
     RetryPolicy,
     StatusSet,
 )
-from proxy.observe.events import EventBus, FailedOver
+from proxy.observe.events import EventBus, FailedOver, RetryScheduled
 from proxy.observe.metrics import RequestRecord
 from proxy.resilience.breaker import Breaker, BreakerState
 from proxy.resilience.budget import RetryBudget
@@ -101,6 +102,7 @@ class Harness:
         policy: FailoverPolicy = FAILOVER,
         retry: RetryPolicy | None = None,
         clock: InstantClock | None = None,
+        admits: tuple[Callable[[], bool], ...] | None = None,
     ) -> None:
         self.clock = clock or InstantClock()
         self.events: list[object] = []
@@ -109,7 +111,7 @@ class Harness:
         self.serving = Serving()
         names = NAMES[: len(chains)]
         self.stage: Stage = FailoverStage(
-            tuple(chains), names, "r", policy, retry, self.clock, bus, self.serving
+            tuple(chains), names, "r", policy, retry, self.clock, bus, self.serving, admits
         )
         self.budget: RetryBudget | None = None
         if retry is not None:
@@ -327,6 +329,34 @@ async def test_retry_on_only_conditions_are_not_failed_over_for_a_post():
     assert (a.calls, b.calls) == (1, 0)
 
 
+async def test_no_hop_is_made_to_a_target_that_would_refuse():
+    # b's breaker is open: without a retry block the 503 in hand is the answer, not a
+    # breaker-open one; with one, the retry rules apply to the current target
+    a, b = Scripted(status(503)), Scripted()
+    h = Harness(a, b, admits=(lambda: True, lambda: False))
+    result = await h(call())
+    assert result.attempt is not None and result.attempt.status == 503
+    assert b.calls == 0 and h.moves() == []
+    a, b = Scripted(status(503), status(200)), Scripted()
+    h = Harness(a, b, retry=RETRY, admits=(lambda: True, lambda: False))
+    c = call()
+    result = await h(c)
+    assert result.attempt is not None and result.attempt.status == 200
+    assert (a.calls, b.calls) == (2, 0) and h.moves() == []
+    assert c.record.retries == ["503"] and h.clock.waits == [0.1]
+
+
+async def test_a_retry_refused_after_its_backoff_gives_its_budget_back():
+    policy = FailoverPolicy((), frozenset({"connect-failure"}), StatusSet())
+    a, b = Scripted(status(503), refused()), Scripted()
+    h = Harness(a, b, policy=policy, retry=RETRY)
+    c = call()
+    result = await h(c)
+    assert result.failure == "breaker-open"
+    assert h.clock.waits == [0.1]  # it waited, then the breaker had opened
+    assert c.record.retries == [] and h.budget is not None and h.budget.retries == 0
+
+
 # --- with real breakers: half-open trials of the primary while on the secondary -------------
 
 
@@ -371,3 +401,78 @@ async def test_half_open_trials_of_the_primary_continue_and_traffic_returns():
     before = secondary.calls
     await h(call())
     assert secondary.calls == before and primary.calls == 4
+
+
+# --- properties: the counting holds for any mix of outcomes ---------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+OUTCOMES = ("ok", "503", "500", "connect-failure", "reset", "refused")
+
+
+def outcome(kind: str) -> Result:
+    if kind == "ok":
+        return status(200)
+    if kind in ("503", "500"):
+        return status(int(kind))
+    if kind == "refused":
+        return refused()
+    return failure(kind, before=kind == "connect-failure")
+
+
+class Recording(Scripted):
+    """A scripted target that logs (its index, whether an attempt was made) per call, and
+    says whether its next answer is a refusal (what a breaker's `admits` tells)."""
+
+    def __init__(self, index: int, log: list[tuple[int, bool]], kinds: list[str]) -> None:
+        super().__init__(*(outcome(k) for k in kinds), default=status(200))
+        self.index = index
+        self.log = log
+
+    def admits(self) -> bool:
+        return not (self.outcomes and self.outcomes[0].failure == "breaker-open")
+
+    async def __call__(self, call: Call) -> Result:
+        result = await super().__call__(call)
+        self.log.append((self.index, result.attempt is not None))
+        return result
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    scripts=st.lists(st.lists(st.sampled_from(OUTCOMES), max_size=4), min_size=2, max_size=3),
+    max_attempts=st.integers(min_value=2, max_value=6),
+    with_retry=st.booleans(),
+)
+async def test_attempts_budget_and_waits_add_up_for_any_outcomes(
+    scripts: list[list[str]], max_attempts: int, with_retry: bool
+) -> None:
+    log: list[tuple[int, bool]] = []
+    chains = [Recording(i, log, kinds) for i, kinds in enumerate(scripts)]
+    retry = None
+    if with_retry:
+        retry = RetryPolicy(max_attempts=max_attempts, backoff=RETRY.backoff, budget=RETRY.budget,
+                            on=RetryOn(statuses=StatusSet(("503",), frozenset((503,))),
+                                       tokens=("connect-failure", "reset", "timeout", "503")))
+    h = Harness(*chains, retry=retry, admits=tuple(chain.admits for chain in chains))
+    c = call()
+    await h(c)
+    attempts = [index for index, sent in log if sent]
+    targets = [index for index, _ in log]
+    assert targets == sorted(targets)  # never back to an earlier target within a request
+    assert len(c.record.attempts) == 0  # scripted chains record nothing themselves
+    hops = [m for m in h.moves() if m[2] not in ("breaker-open", "quota")]
+    if with_retry:
+        assert len(attempts) <= max_attempts
+        # every attempt after the first is a retry, hop or not; refusals are not counted
+        assert len(c.record.retries) == max(0, len(attempts) - 1)
+        # only same-target retries wait; a hop to the next target goes at once (a retry
+        # that waited and was then refused by the breaker is scheduled but not counted)
+        scheduled = [e for e in h.events if isinstance(e, RetryScheduled)]
+        assert len(h.clock.waits) == len(scheduled) - len(hops)
+        assert h.budget is not None and h.budget.retries == len(c.record.retries)
+    else:
+        assert len(attempts) <= len(chains)
+        assert len(set(attempts)) == len(attempts)  # one attempt per target
+        assert h.clock.waits == [] and c.record.retries == []
