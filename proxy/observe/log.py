@@ -139,8 +139,11 @@ def on_event(event: Event) -> None:
             wait=round(event.wait, 3),
         )
     elif isinstance(event, FailedOver):
+        # Skipping a refusing target happens on every request of an outage: debug only
+        # (failovers_total counts it); a hop after a failed attempt is worth a line.
+        skip = event.reason in ("breaker-open", "quota")
         emit(
-            logging.INFO,
+            logging.DEBUG if skip else logging.INFO,
             "failover",
             route=event.route,
             from_upstream=event.from_upstream,

@@ -353,3 +353,34 @@ async def test_a_slow_primary_hands_over_after_its_attempt_timeout(proxy_factory
     assert (status, body, headers["X-Resilience-Upstream"]) == (200, b"from b", "b")
     assert 0.19 <= time.monotonic() - began < 0.8
     await poll(lambda: a.cancelled == 1)  # the primary's attempt was cancelled, not leaked
+
+
+TLS_CONFIG = """
+version: 1
+listen: 127.0.0.1:{PORT}
+admin: {listen: 127.0.0.1:{ADMIN_PORT}}
+upstreams:
+  untrusted: {url: "{TLS}", connect_timeout: 1s}
+  trusted: {url: "{TLS}", tls: {ca_file: "{CA}"}, connect_timeout: 1s}
+routes:
+  - name: tls
+    match: {path_prefix: /tls/}
+    upstream: untrusted
+    failover: {upstreams: [trusted]}
+"""
+
+
+async def test_each_target_has_its_own_tls_settings(proxy_factory, tls_upstream, ca_file, http):
+    # the primary does not trust the private CA (certificate verify failure: connect-failure);
+    # the secondary names it in ca_file and gets through to the same server
+    tls_upstream.default = Reply(body=b"over tls")
+    p = await proxy_factory(TLS_CONFIG, TLS=tls_upstream.url, CA=ca_file)
+    status, headers, body = await get(http, p.url + "/tls/x")
+    assert (status, body, headers["X-Resilience-Upstream"]) == (200, b"over tls", "trusted")
+    assert len(tls_upstream.requests) == 1
+    text = await metrics(http, p)
+    assert sample(
+        text,
+        'resilience_proxy_upstream_attempts_total{result="connect-failure",route="tls",'
+        'upstream="untrusted"}',
+    ) == 1.0
