@@ -47,6 +47,7 @@ class FailoverStage(Stage):
         "chains",
         "clock",
         "idempotency_header",
+        "max_attempts",
         "methods",
         "names",
         "policy",
@@ -66,6 +67,8 @@ class FailoverStage(Stage):
         bus: EventBus,
         serving: Serving,
         admits: tuple[Callable[[], bool], ...] | None = None,
+        *,
+        walks: bool | None = None,
     ) -> None:
         super().__init__(chains[0])
         self.chains = chains
@@ -75,11 +78,13 @@ class FailoverStage(Stage):
         self.names = names
         self.route = route
         self.policy = policy
-        # Without a retry stage outside, this stage takes the hops itself (one per target).
-        self.walks = retry is None
+        # Without a retry stage outside (no retry block, or max_attempts: 1), this stage
+        # takes the hops itself: one attempt per target, within retry.max_attempts if set.
+        self.walks = retry is None if walks is None else walks
         rules = retry or RetryPolicy()
         self.methods = rules.methods
         self.idempotency_header = rules.idempotency_header
+        self.max_attempts = retry.max_attempts if retry is not None else None
         self.clock = clock
         self.bus = bus
         self.serving = serving
@@ -103,7 +108,7 @@ class FailoverStage(Stage):
                 method=call.method,
                 has_idempotency_key=call.has_idempotency_key,
                 attempt=attempts,
-                max_attempts=None,
+                max_attempts=self.max_attempts,
                 body_replayable=call.body.replayable,
                 time_left=time_left,
             )

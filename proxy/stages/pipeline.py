@@ -163,11 +163,12 @@ def build_pipeline(
             tuple(t.upstream.name for t in state.targets),
             route.name,
             route.failover,
-            route.retry if _retries(route) and state.budget is not None else None,
+            route.retry,
             clock,
             bus,
             state.serving,
             tuple(_admits(target) for target in state.targets),
+            walks=not (_retries(route) and state.budget is not None),
         )
         names.append(FAILOVER)
     for name, build in reversed(ROUTE_ORDER):

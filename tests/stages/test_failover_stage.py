@@ -160,6 +160,16 @@ async def test_each_target_gets_one_attempt_then_the_last_answer_is_returned():
     assert h.moves() == [("a", "b", "5xx"), ("b", "c", "reset")]
 
 
+async def test_max_attempts_one_without_a_retry_stage_allows_no_hop():
+    down = failure("connect-failure", before=True)
+    a, b = Scripted(down), Scripted()
+    clock = InstantClock()
+    stage = FailoverStage((a, b), ("a", "b"), "r", FAILOVER, RetryPolicy(max_attempts=1),
+                          clock, EventBus(), Serving(), walks=True)
+    result = await stage(call())
+    assert result.failure == "connect-failure" and b.calls == 0
+
+
 async def test_an_outcome_not_in_failover_on_is_returned():
     policy = FailoverPolicy((), frozenset({"connect-failure"}), StatusSet())
     a, b = Scripted(status(503)), Scripted()
