@@ -24,12 +24,6 @@ class BreakerTransitioned:
 
 
 @dataclass(frozen=True, slots=True)
-class BreakerRejected:
-    route: str
-    upstream: str
-
-
-@dataclass(frozen=True, slots=True)
 class ConfigReloaded:
     result: str  # ok | error | unchanged
     trigger: str  # signal | admin | file-change | start
@@ -61,14 +55,7 @@ class RetryScheduled:
     wait: float  # seconds
 
 
-Event = (
-    BreakerTransitioned
-    | BreakerRejected
-    | ConfigReloaded
-    | PgProbed
-    | PgStatusChanged
-    | RetryScheduled
-)
+Event = BreakerTransitioned | ConfigReloaded | PgProbed | PgStatusChanged | RetryScheduled
 
 
 class EventBus:

@@ -16,7 +16,7 @@ from proxy.cache import FallbackStore
 from proxy.clock import Clock, Rng
 from proxy.config.model import Config, Route, Upstream
 from proxy.observe.events import EventBus
-from proxy.observe.metrics import Metrics, RouteMetrics
+from proxy.observe.metrics import BreakerView, Metrics, RouteMetrics
 from proxy.resilience.breaker import Breaker
 from proxy.resilience.budget import RetryBudget
 from proxy.resilience.bulkhead import Bulkhead
@@ -155,9 +155,10 @@ class Registry:
             await client.close()
         self.clients.clear()
 
-    def iter_breakers(self) -> Iterator[tuple[str, str, str]]:
+    def iter_breakers(self) -> Iterator[BreakerView]:
         for (route, upstream), breaker in self.breakers.items():
-            yield route, upstream, breaker.state
+            state = breaker.reported_state()
+            yield BreakerView(route, upstream, state.value, breaker.opened_at_wall())
 
     def iter_bulkheads(self) -> Iterator[tuple[str, str, int, int]]:
         for (route, upstream), bulkhead in self.bulkheads.items():
