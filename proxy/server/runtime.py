@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from proxy.cache import FallbackStore
 from proxy.clock import Clock, Rng
 from proxy.config.model import Config, Route, Upstream
+from proxy.observe.causes import FailureLog
 from proxy.observe.events import EventBus
 from proxy.observe.metrics import BreakerView, Metrics, RouteMetrics
 from proxy.resilience.breaker import Breaker
@@ -85,6 +86,7 @@ class Registry:
         self.bulkheads: dict[tuple[str, str], Bulkhead] = {}
         self.budgets: dict[str, RetryBudget] = {}
         self.clients: dict[str, UpstreamClient] = {}
+        self.failures = FailureLog(clock)
         self._retired: list[UpstreamClient] = []
         self._closers: set[asyncio.Task[None]] = set()
 
@@ -122,7 +124,9 @@ class Registry:
                 budget = self.budgets[route.name] = RetryBudget(route.retry.budget, self.clock)
             else:
                 budget.update_policy(route.retry.budget)
-        return RouteState(self.client_for(route.upstream), breaker, bulkhead, budget, self.store)
+        return RouteState(
+            self.client_for(route.upstream), breaker, bulkhead, budget, self.store, self.failures
+        )
 
     def prune(self, config: Config) -> None:
         """Drop the state of routes and upstreams that the new config no longer has."""
@@ -134,6 +138,8 @@ class Registry:
         names = {r.name for r in config.routes if r.retry is not None}
         for name in [n for n in self.budgets if n not in names]:
             del self.budgets[name]
+        for name in {k[0] for k in self.failures.latest} - {r.name for r in config.routes}:
+            self.failures.forget_route(name)
         for name in [n for n in self.clients if n not in config.upstreams]:
             self._retire(self.clients.pop(name))
 

@@ -4,6 +4,10 @@ The attempt deadline is `min(now + per_try, call.deadline)`: one timer per attem
 both the per-try and the total timeout; which one fired decides `total_timeout`. The timer
 is a bare `call_later` that cancels the task (what `asyncio.timeout` does, without its
 per-use bookkeeping): this runs once per proxied request.
+
+Every failed attempt (connect failure, reset, timeout, a 5xx or 429) is reported to the
+`FailureLog` with its cause (`ECONNREFUSED`, `timeout after 2.00s`, `status 503`), which
+logs it at most once per route, upstream and cause per 10 s.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 
 from proxy.clock import Clock
 from proxy.config.model import Route
+from proxy.observe.causes import FailureLog, cause_of
 from proxy.resilience.backoff import server_wait
 from proxy.resilience.classify import Attempt, AttemptResult
 from proxy.stages.call import Call, Result, Stage
@@ -22,13 +27,23 @@ _SERVER_WAIT_STATUSES = frozenset((403, 429, 500, 502, 503, 504))
 
 
 class AttemptStage(Stage):
-    __slots__ = ("client", "clock", "per_try")
+    __slots__ = ("client", "clock", "connect_timeout", "failures", "per_try", "route", "upstream")
 
-    def __init__(self, route: Route, client: UpstreamClient, clock: Clock) -> None:
+    def __init__(
+        self,
+        route: Route,
+        client: UpstreamClient,
+        clock: Clock,
+        failures: FailureLog | None = None,
+    ) -> None:
         super().__init__(None)
         self.client = client
         self.clock = clock
         self.per_try = route.timeout.per_try
+        self.failures = failures
+        self.route = route.name
+        self.upstream = route.upstream.name
+        self.connect_timeout = route.upstream.connect_timeout
 
     async def __call__(self, call: Call) -> Result:
         clock = self.clock
@@ -56,10 +71,17 @@ class AttemptStage(Stage):
         except asyncio.CancelledError:
             if cutoff is None or not cutoff.fired or cutoff.task.uncancel() > 0:
                 raise  # the client went away (or both happened): propagate
+            if self.failures is not None:
+                self.failures.failed(
+                    self.route, self.upstream, "timeout", f"timeout after {limit:.2f}s"
+                )
             return _failed(call, "timeout", clock.now() - start, False, total_bound)
         except UpstreamFailure as exc:
             if call.body.client_error is not None:
                 raise call.body.client_error from None
+            if self.failures is not None:
+                cause = cause_of(exc, self.connect_timeout)
+                self.failures.failed(self.route, self.upstream, exc.kind, cause)
             return _failed(call, exc.kind, clock.now() - start, exc.before_request, False)
         finally:
             client.in_flight -= 1
@@ -72,6 +94,8 @@ class AttemptStage(Stage):
             wait = server_wait(status, response.headers, clock.wall())
         attempt = Attempt.response(status, duration, wait)
         call.record.attempts.append((attempt.result, duration))
+        if attempt.result is AttemptResult.STATUS and self.failures is not None:
+            self.failures.failed(self.route, self.upstream, "status", f"status {status}")
         result = Result(response)
         result.attempt = attempt
         return result

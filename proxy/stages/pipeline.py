@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from proxy.cache import FallbackStore
 from proxy.clock import Clock, Rng
 from proxy.config.model import Route
+from proxy.observe.causes import FailureLog
 from proxy.observe.events import EventBus
 from proxy.resilience.breaker import Breaker
 from proxy.resilience.budget import RetryBudget
@@ -37,6 +38,7 @@ class RouteState:
     bulkhead: Bulkhead | None
     budget: RetryBudget | None
     store: FallbackStore
+    failures: FailureLog | None = None  # failure causes: rate-limited warnings, last cause
 
 
 # Outermost first. Each entry: (name, builder or None when the route does not enable it).
@@ -88,7 +90,7 @@ def build_pipeline(
     route: Route, state: RouteState, clock: Clock, rng: Rng, bus: EventBus
 ) -> tuple[Stage, tuple[str, ...]]:
     """Fold the enabled stages around the attempt stage; return it and the stage names."""
-    stage: Stage = AttemptStage(route, state.client, clock)
+    stage: Stage = AttemptStage(route, state.client, clock, state.failures)
     names = ["attempt"]
     for name, build in reversed(ORDER):
         wrapped = build(stage, route, state, clock, rng, bus)
