@@ -101,6 +101,7 @@ class Breaker:
         self._consecutive = 0
         self._doublings = 0  # open_for = open_for_base * 2**doublings, capped
         self._opened_at = 0.0  # monotonic time the current open period began
+        self._opened_wall = 0.0  # the same as epoch seconds, fixed when it opened
         self._retry_after_until: float | None = None  # latest time a server asked us to wait
         self._trials: dict[int, float] = {}  # half-open trial token → start time
         self._trial_successes = 0
@@ -153,7 +154,7 @@ class Breaker:
         open); 0.0 while closed, forced closed or disabled."""
         if self._state not in (_S.OPEN, _S.HALF_OPEN, _S.FORCED_OPEN):
             return 0.0
-        return self._opened_at + (self._clock.wall() - self._clock.now())
+        return self._opened_wall
 
     def retry_after(self) -> int:
         """Whole seconds (≥ 1) until the breaker may let a trial through: the Retry-After of
@@ -473,6 +474,8 @@ class Breaker:
         elif to is _S.FORCED_OPEN:
             self._opened_at = self._clock.now()
             self._last_trip = reason
+        if to is _S.OPEN or to is _S.FORCED_OPEN:
+            self._opened_wall = self._opened_at + (self._clock.wall() - self._clock.now())
         self._permit = self._shared_permit()
         if self._emit is not None:
             self._emit(

@@ -24,7 +24,7 @@ from proxy.config import ConfigInvalid, load_config
 from proxy.config.model import Config
 from proxy.observe import log
 from proxy.observe.events import BreakerTransitioned, ConfigReloaded, EventBus
-from proxy.observe.metrics import Metrics
+from proxy.observe.metrics import Metrics, observe_unrouted
 from proxy.pgprobe import ProberSet
 from proxy.resilience.statefile import (
     breakers_state,
@@ -89,6 +89,10 @@ class ProxyApp:
         self.active -= 1
         self.last_activity = self.clock.now()
 
+    def _count_unparsed(self, status: int) -> None:
+        # The method of an unparsable request is unknown: OTHER (DESIGN §9).
+        observe_unrouted(self.metrics, "OTHER", status, "rejected", 0.0)
+
     @property
     def config(self) -> Config:
         return self.runtime.config
@@ -114,6 +118,7 @@ class ProxyApp:
         self._server = ProxyServer(
             ProxyHandler(self),
             head_timeout=limits.client_header_timeout,
+            on_unparsed=self._count_unparsed,
             handler_cancellation=True,
             keepalive_timeout=limits.client_idle_timeout,
             max_line_size=limits.max_header_bytes,
