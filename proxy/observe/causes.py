@@ -89,6 +89,7 @@ class FailureLog:
 
     def failed(self, route: str, upstream: str, outcome: str, cause: str) -> None:
         """One failed attempt: logged now, or counted into the next line of its key."""
+        cause = log.scrub(cause)  # defensively: a client-supplied cause never carries a secret
         now = self._clock.now()
         self.latest[(route, upstream)] = LastFailure(outcome, cause, self._clock.wall())
         key = (route, upstream, cause)
