@@ -527,7 +527,12 @@ class Metrics:
             self._transitions[key] = self._transitions.get(key, 0) + 1
             history = self.history.get(event.route)
             if history is not None:
-                history.note_breaker(self.clock.now(), event.from_state, event.to_state)
+                # As breaker_state reports it: a hold that ran out (noticed lazily, often by a
+                # scrape) is still `open` until a trial is granted; trials are short, so the
+                # timeline keeps it open until the breaker closes or re-opens.
+                to = "open" if event.to_state == "half_open" else event.to_state
+                frm = "open" if event.from_state == "half_open" else event.from_state
+                history.note_breaker(self.clock.now(), frm, to)
         elif isinstance(event, ConfigReloaded):
             self._reloads[event.result] = self._reloads.get(event.result, 0) + 1
             self.last_reload_success = 0.0 if event.result == "error" else 1.0

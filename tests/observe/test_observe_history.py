@@ -71,3 +71,20 @@ def test_the_breaker_timeline_shows_the_worst_state_of_each_slot() -> None:
     # Long after the last transition, the state carried forward is the last one's.
     clock.advance(SLOTS * SLOT_SECONDS * 2)
     assert h.snapshot(clock.now(), clock.wall(), "closed")["breaker"] == ["closed"] * SLOTS
+
+
+def test_a_lazily_noticed_half_open_stays_open_on_the_timeline() -> None:
+    """Through Metrics: an open → half_open transition (made by a scrape when the hold ran
+    out) is drawn as open, as breaker_state reports it until a trial is granted."""
+    from proxy.observe.events import BreakerTransitioned
+    from proxy.observe.metrics import Metrics
+
+    clock = FakeClock(start=10_000.0)
+    metrics = Metrics(clock=clock)
+    metrics.route("r", "u")
+    metrics.on_event(BreakerTransitioned("r", "u", "closed", "open", "consecutive-failures"))
+    clock.advance(6 * SLOT_SECONDS)
+    metrics.on_event(BreakerTransitioned("r", "u", "open", "half_open", "open-expired"))
+    clock.advance(3 * SLOT_SECONDS)
+    timeline = metrics.history["r"].snapshot(clock.now(), clock.wall(), "open")["breaker"]
+    assert timeline[-10:] == ["open"] * 10 and "half_open" not in timeline
