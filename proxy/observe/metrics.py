@@ -465,6 +465,7 @@ class Metrics:
         self._recent: dict[str, dict[str, RecentCounter]] = {}
         self.history: dict[str, RouteHistory] = {}
         self.live = LiveState()
+        git_revision()  # once, at start: never a subprocess during a scrape
         self.registry.register(_Collector(self))
         for extra in (ProcessCollector, PlatformCollector, GCCollector):
             extra(registry=self.registry)
