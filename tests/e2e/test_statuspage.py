@@ -700,6 +700,7 @@ async def test_an_open_breaker_says_why_and_the_plots_show_the_outage(
 
     url = await canned(OUTAGE)
     assert_png(await browser.screenshot(url, "statuspage-outage-desktop.png", DESKTOP), DESKTOP)
+    assert_png(await browser.screenshot(url, "statuspage-outage-phone.png", PHONE), PHONE)
 
 
 async def test_real_proxy_page_during_an_outage(browser: Browser, served: Served) -> None:
