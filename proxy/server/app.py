@@ -89,8 +89,9 @@ class ProxyApp:
         self.active -= 1
         self.last_activity = self.clock.now()
 
-    def _count_unparsed(self, status: int) -> None:
-        # The method of an unparsable request is unknown: OTHER (DESIGN §9).
+    def count_unparsed(self, status: int) -> None:
+        """A request the listener could not parse (400, 408, 431): counted with route "",
+        method OTHER (its method is unknown) and outcome rejected (DESIGN §9)."""
         observe_unrouted(self.metrics, "OTHER", status, "rejected", 0.0)
 
     @property
@@ -118,7 +119,7 @@ class ProxyApp:
         self._server = ProxyServer(
             ProxyHandler(self),
             head_timeout=limits.client_header_timeout,
-            on_unparsed=self._count_unparsed,
+            on_unparsed=self.count_unparsed,
             handler_cancellation=True,
             keepalive_timeout=limits.client_idle_timeout,
             max_line_size=limits.max_header_bytes,
