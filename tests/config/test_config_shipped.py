@@ -159,3 +159,23 @@ def test_json_schema_accepts_variables_in_typed_fields() -> None:
     jsonschema.Draft202012Validator(json_schema()).validate(tree)
     tree["policies"]["api"]["bulkhead"]["max_concurrent"] = "sixty-four"
     assert not jsonschema.Draft202012Validator(json_schema()).is_valid(tree)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{}, {"CLOUDINARY_API_KEY": "cloud-key-42"}, {"CLOUDINARY_API_SECRET": "cloud-secret-43"}],
+    ids=["neither", "key-only", "secret-only"],
+)
+def test_cloudinary_credentials_with_a_part_missing_are_not_sent_and_are_reported(
+    env: dict[str, str],
+) -> None:
+    # Like an injected header with an empty ${VAR}: no half credential (Basic "key:") goes
+    # out, and the upstream counts as missing its credentials (the start/reload warning and
+    # upstream_credentials_present = 0), since the agent's SDK holds only dummy ones.
+    cloudinary = load_config(SHIPPED, env=env).upstreams["cloudinary"]
+    assert cloudinary.userinfo is None and not cloudinary.injects_credentials
+    assert cloudinary.missing_headers == ("Authorization",)
+    full = load_config(
+        SHIPPED, env={"CLOUDINARY_API_KEY": "cloud-key-42", "CLOUDINARY_API_SECRET": "cloud-secret-43"}
+    ).upstreams["cloudinary"]
+    assert full.missing_headers == ()
