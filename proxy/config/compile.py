@@ -42,6 +42,7 @@ from proxy.config.model import (
     RouteMatch,
     ShutdownPolicy,
     SlowCallPolicy,
+    StateSettings,
     StaticFallback,
     StatusSet,
     TimeoutPolicy,
@@ -75,6 +76,7 @@ from proxy.config.schema import (
     RouteSpec,
     ShutdownSpec,
     Spec,
+    StateSpec,
     StaticSpec,
     TimeoutSpec,
     UpstreamSpec,
@@ -280,6 +282,7 @@ class _Compiler:
                 quiet_period=_or(shutdown.quiet_period, ShutdownPolicy().quiet_period),
                 drain_timeout=_or(shutdown.drain_timeout, ShutdownPolicy().drain_timeout),
             ),
+            state=self.state(spec.state),
             state_file=self.state_file(spec.state_file),
             upstreams=upstreams,
             routes=tuple(routes),
@@ -328,6 +331,23 @@ class _Compiler:
             client_header_timeout=_or(limits.client_header_timeout, default.client_header_timeout),
             client_body_timeout=_or(limits.client_body_timeout, default.client_body_timeout),
             client_idle_timeout=_or(limits.client_idle_timeout, default.client_idle_timeout),
+        )
+
+    def state(self, spec: StateSpec | None) -> StateSettings:
+        """The fleet state backend; its URL's password joins the secrets."""
+        default, given = StateSettings(), spec or StateSpec()
+        backend = _or(given.backend, default.backend)
+        url = given.url or ""
+        display, passwords = display_dsn(url) if url else ("", [])
+        self.secrets.update(passwords)
+        if backend == "redis" and not url:
+            self.problem(("state", "url"), "required when state.backend is redis")
+        return StateSettings(
+            backend=backend,
+            url=url,
+            display_url=display,
+            key_prefix=_or(given.key_prefix, default.key_prefix).strip(),
+            timeout=_or(given.timeout, default.timeout),
         )
 
     def state_file(self, value: str | bool | None) -> str | None:
@@ -575,6 +595,7 @@ class _Compiler:
             half_open_calls=_or(spec.half_open_calls, default.half_open_calls),
             half_open_max_wait=_or(spec.half_open_max_wait, default.half_open_max_wait),
             mode=_or(spec.mode, default.mode),
+            share=_or(spec.share, default.share),
         )
 
     def bulkhead(self, spec: BulkheadSpec) -> BulkheadPolicy:
@@ -721,6 +742,12 @@ def effective_tree(config: Config, policies: Sequence[str | None] = ()) -> dict[
         },
         "limits": asdict(config.limits),
         "shutdown": asdict(config.shutdown),
+        "state": {
+            "backend": config.state.backend,
+            "url": config.state.display_url or None,
+            "key_prefix": config.state.key_prefix,
+            "timeout": config.state.timeout,
+        },
         "state_file": config.state_file,
         "upstreams": {name: _upstream_tree(up) for name, up in config.upstreams.items()},
         "routes": [
@@ -783,6 +810,7 @@ def _route_tree(route: Route, policy: str | None) -> dict[str, Any]:
             "half_open_calls": breaker.half_open_calls,
             "half_open_max_wait": breaker.half_open_max_wait,
             "mode": breaker.mode,
+            "share": breaker.share,
         },
         "bulkhead": asdict(route.bulkhead) if route.bulkhead else None,
         "fallback": None

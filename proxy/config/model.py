@@ -166,6 +166,7 @@ class BreakerPolicy:
     half_open_calls: int = 3
     half_open_max_wait: float = 30.0
     mode: BreakerMode = "enforce"
+    share: bool = False  # publish trips to, and take trips from, the fleet (DESIGN §15)
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +248,17 @@ class CacheSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class StateSettings:
+    """Fleet state (DESIGN §15). `url` may hold a password: never log it; use `display_url`."""
+
+    backend: Literal["local", "redis"] = "local"
+    url: str = ""
+    display_url: str = ""  # the URL with its password redacted
+    key_prefix: str = "resilience-proxy"
+    timeout: float = 0.05  # seconds, every Redis command including its connect
+
+
+@dataclass(frozen=True, slots=True)
 class PostgresTarget:
     name: str
     dsn: str  # may hold a password: never log it; use `display_dsn`
@@ -274,6 +286,7 @@ class Config:
     admin: AdminSettings = AdminSettings()
     limits: Limits = Limits()
     shutdown: ShutdownPolicy = ShutdownPolicy()
+    state: StateSettings = StateSettings()
     state_file: str | None = None  # resolved path; None: persistence off
     upstreams: Mapping[str, Upstream] = field(default_factory=dict)
     routes: tuple[Route, ...] = ()

@@ -340,6 +340,19 @@ Version = Annotated[int, AfterValidator(_check_version), WithJsonSchema({"const"
 Text = Annotated[str, AfterValidator(_check_not_blank)]
 
 
+def _check_redis_url(value: str) -> str:
+    # Never quoted back: a Redis URL may carry a password. Empty is allowed here (a
+    # `${REDIS_URL:-}` with `backend: local`); `backend: redis` needs one (compile time).
+    text = value.strip()
+    scheme = text.partition("://")[0].lower()
+    if text and (scheme not in ("redis", "rediss", "unix") or "://" not in text):
+        raise ValueError("must be a redis://[:password@]host:port/db (or rediss://, unix://) URL")
+    return text
+
+
+RedisUrl = Annotated[str, AfterValidator(_check_redis_url), _text_schema()]
+
+
 # --- `false` / `true` / a block ------------------------------------------------------------
 
 # Tags that pydantic inserts into error locations for these unions; not part of the key path.
@@ -479,6 +492,8 @@ class BreakerSpec(Spec):
     """A trial still running after this counts as failed (default 30s)."""
     mode: Literal["enforce", "observe", "disabled"] | None = None
     """enforce; observe (record, never reject); disabled (default enforce)."""
+    share: bool | None = None
+    """Publish trips to the fleet and open on peers' trips (needs state.backend: redis)."""
 
 
 class BulkheadSpec(Spec):
@@ -591,6 +606,17 @@ class CacheSpec(Spec):
     max_entry_bytes: Size | None = None
 
 
+class StateSpec(Spec):
+    backend: Literal["local", "redis"] | None = None
+    """local (default): nothing shared; redis: shared buckets, quotas and breaker trips."""
+    url: RedisUrl | None = None
+    """redis://[:password@]host:port/db; required with backend: redis."""
+    key_prefix: Text | None = None
+    """Prefix of every key and channel (default resilience-proxy)."""
+    timeout: PositiveDuration | None = None
+    """Bound on every Redis command, connect included (default 50ms)."""
+
+
 class PgPoolSpec(Spec):
     min_size: int | None = Field(None, ge=0)
     max_size: int | None = Field(None, ge=1)
@@ -637,6 +663,8 @@ class ConfigSpec(Spec):
     admin: AdminSpec | None = None
     limits: LimitsSpec | None = None
     shutdown: ShutdownSpec | None = None
+    state: StateSpec | None = None
+    """Fleet state (DESIGN §15): {backend: local} or {backend: redis, url, key_prefix, timeout}."""
     state_file: PathOrFlag | None = None
     """Breaker state; empty: $XDG_STATE_HOME/resilience-proxy/state.json; false: off."""
     upstreams: dict[Name, UpstreamSpec] | None = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -21,6 +21,8 @@ from proxy.observe.events import (
     ConfigReloaded,
     Event,
     PgProbed,
+    StateBackendChanged,
+    StateBackendErrored,
 )
 
 PREFIX = "resilience_proxy_"
@@ -187,6 +189,18 @@ class Metrics:
             ("target", "reason"),
             registry=r,
         )
+        self.state_backend_up = Gauge(
+            p + "state_backend_up",
+            "1 while the fleet state backend answers (DESIGN §15).",
+            ("backend",),
+            registry=r,
+        )
+        self.state_backend_errors = Counter(
+            p + "state_backend_errors_total",
+            "Failed or timed-out calls to the fleet state backend, by operation.",
+            ("backend", "op"),
+            registry=r,
+        )
         for result in ("ok", "error", "unchanged"):
             self.config_reloads.labels(result)
         self._recent: dict[str, dict[str, RecentCounter]] = {}
@@ -218,6 +232,11 @@ class Metrics:
             self.pg_probe_duration.labels(event.target).observe(event.duration)
             if not event.ok:
                 self.pg_probe_failures.labels(event.target, event.reason or "other").inc()
+        elif isinstance(event, StateBackendErrored):
+            self.state_backend_errors.labels(event.backend, event.op).inc()
+        elif isinstance(event, StateBackendChanged):
+            self.state_backend_up.clear()  # one live backend: a swapped-out one leaves no series
+            self.state_backend_up.labels(event.backend).set(1.0 if event.up else 0.0)
 
     def sync_cache_evictions(self, total: int) -> None:
         """The store counts evictions itself; mirror its total into the counter."""

@@ -23,6 +23,7 @@ from proxy.resilience.bulkhead import Bulkhead
 from proxy.server.forwarding import HeaderPlan
 from proxy.stages.call import Stage
 from proxy.stages.pipeline import RouteState, build_pipeline
+from proxy.state import LocalBackend, StateBackend
 from proxy.upstream import UpstreamClient
 
 
@@ -85,6 +86,9 @@ class Registry:
         self.bulkheads: dict[tuple[str, str], Bulkhead] = {}
         self.budgets: dict[str, RetryBudget] = {}
         self.clients: dict[str, UpstreamClient] = {}
+        # The fleet state backend (DESIGN §15); the app sets the configured one and swaps it
+        # on a reload that changes `state`, before the new runtime is compiled.
+        self.state: StateBackend = LocalBackend(clock)
         self._retired: list[UpstreamClient] = []
         self._closers: set[asyncio.Task[None]] = set()
 
