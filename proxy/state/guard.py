@@ -31,8 +31,14 @@ class Guard:
         self.down_since: float | None = None if up else clock.now()
         self._probe_at = clock.now() + PROBE_EVERY if not up else 0.0
 
-    def succeeded(self) -> bool:
-        """A call (or probe) worked. Returns True when this brought the backend back up."""
+    def succeeded(self) -> None:
+        """A call worked: the error count starts again. While down, only a probe brings the
+        backend back (a late answer to a call sent before the outage proves little)."""
+        if self.up:
+            self._failures = 0
+
+    def probe_succeeded(self) -> bool:
+        """The background probe worked. Returns True when this brought the backend back up."""
         self._failures = 0
         if self.up:
             return False

@@ -125,10 +125,12 @@ class RedisBackend:
         if self._closed:
             return
         self._closed = True
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        # redis-py can swallow a cancellation that lands while a pub/sub read times out, so
+        # cancel until the tasks are gone (they also stop by themselves on `_closed`).
+        while self._tasks:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.wait(list(self._tasks), timeout=0.1)
         client = self._client
         if client is not None and self._guard.up:
             try:  # leave the live count at once rather than when our beat expires
@@ -278,7 +280,7 @@ class RedisBackend:
     async def _maintain(self) -> None:
         """Heartbeats while up; probes every PROBE_EVERY seconds while down."""
         clock = self._clock
-        while True:
+        while not self._closed:
             due_in = self._guard.probe_due_in()
             if due_in is None:
                 due_in = self._next_beat - clock.now()
@@ -294,18 +296,17 @@ class RedisBackend:
                     self._guard.succeeded()
                 continue
             ok, error = await self._beat(bypass=True)
-            if ok:
-                self._guard.succeeded()
+            if ok and self._guard.probe_succeeded():
                 self._local.clear()  # the shared buckets rule again
                 self._next_beat = clock.now() + self._heartbeat_every
                 self._announce(up=True)
-            else:
+            elif not ok:
                 self._emit(StateBackendErrored(self.name, "probe"))
                 self._guard.probe_failed()
 
     async def _listen(self) -> None:
         """Hear peers' trips; after every (re)subscription, read the trips still in force."""
-        while True:
+        while not self._closed:
             subscriber = self._subscriber
             if subscriber is None or not self._guard.up:
                 await self._clock.sleep(RESUBSCRIBE_EVERY)
@@ -315,7 +316,7 @@ class RedisBackend:
                 async with asyncio.timeout(self._timeout):
                     await pubsub.subscribe(self._channel)
                 await self._sync_trips()
-                while True:
+                while not self._closed:
                     message = await pubsub.get_message(
                         ignore_subscribe_messages=True, timeout=LISTEN_POLL
                     )

@@ -60,7 +60,9 @@ def test_time_running_backwards_adds_nothing() -> None:
     burst=st.floats(1.0, 40.0),
     gaps=st.lists(st.floats(0.0, 0.3), min_size=1, max_size=300),
 )
-def test_never_more_than_burst_plus_rps_times_t(rps: float, burst: float, gaps: list[float]) -> None:
+def test_never_more_than_burst_plus_rps_times_t(
+    rps: float, burst: float, gaps: list[float]
+) -> None:
     clock = FakeClock()
     buckets = LocalBuckets()
     start = clock.now()
@@ -74,8 +76,14 @@ def test_never_more_than_burst_plus_rps_times_t(rps: float, burst: float, gaps: 
 def test_quota_snapshots_expire_and_are_bounded() -> None:
     clock = FakeClock()
     board = QuotaBoard(max_keys=2)
-    board.put("gh", {"remaining": 0, "reset": 1_700_000_060.0, "resource": "core"}, 60.0, clock.now())
-    assert board.get("gh", clock.now()) == {"remaining": 0, "reset": 1_700_000_060.0, "resource": "core"}
+    board.put(
+        "gh", {"remaining": 0, "reset": 1_700_000_060.0, "resource": "core"}, 60.0, clock.now()
+    )
+    assert board.get("gh", clock.now()) == {
+        "remaining": 0,
+        "reset": 1_700_000_060.0,
+        "resource": "core",
+    }
     clock.advance(59.9)
     assert board.get("gh", clock.now()) is not None
     clock.advance(0.1)
@@ -101,8 +109,10 @@ def test_guard_goes_down_after_three_errors_and_probes_every_five_seconds() -> N
     assert guard.probe_due_in() == 0.0
     guard.probe_failed()
     assert guard.probe_due_in() == PROBE_EVERY
-    assert guard.succeeded() is True and guard.up
-    assert guard.succeeded() is False
+    guard.succeeded()  # a late answer to a call sent before the outage: still down
+    assert not guard.up
+    assert guard.probe_succeeded() is True and guard.up
+    assert guard.probe_succeeded() is False
 
 
 def test_a_success_between_errors_resets_the_count() -> None:

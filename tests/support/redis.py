@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 import redis as redis_sync
 from redis.asyncio import Redis
 
+from proxy.config.compile import display_dsn
 from proxy.config.model import StateSettings
 from tests.support.proxy import free_port
 
@@ -31,8 +32,10 @@ def unique_prefix() -> str:
 
 
 def settings(url: str, prefix: str, timeout: float = 0.05) -> StateSettings:
+    """What `state: {backend: redis, url, key_prefix, timeout}` compiles to."""
+    display, _ = display_dsn(url)
     return StateSettings(
-        backend="redis", url=url, display_url=url, key_prefix=prefix, timeout=timeout
+        backend="redis", url=url, display_url=display, key_prefix=prefix, timeout=timeout
     )
 
 
@@ -84,8 +87,21 @@ class ThrowawayRedis:
     def start(self) -> ThrowawayRedis:
         exe = shutil.which("redis-server") or "redis-server"
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, "--protected-mode", "yes"],
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+                "--protected-mode",
+                "yes",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
