@@ -156,12 +156,14 @@ async def test_a_frozen_redis_costs_the_first_few_calls_one_timeout_each(fleet: 
     assert 1 <= len(slow) <= FAILURES  # the first few paid one timeout each ...
     assert all(d < TIMEOUT * 0.8 for d in durations[FAILURES:])  # ... then no more
     assert not a.available and fleet.changes() == [True, False]
-    assert fleet.up_gauge() == 0.0 and fleet.error_counter("take") == len(slow)
+    assert fleet.up_gauge() == 0.0 and 1 <= fleet.error_counter("take") <= FAILURES
+    errors = fleet.errors()
 
     # Concurrent load while frozen: nothing is sent, every call answers at once.
     began = time.monotonic()
     results = await asyncio.gather(*(a.take("shared", rps, burst) for _ in range(50)))
-    assert time.monotonic() - began < TIMEOUT
+    assert time.monotonic() - began < 0.2
+    assert fleet.errors() == errors
     assert sum(ok for ok, _ in results) <= burst / 3 + 1
 
     fleet.server.thaw()
