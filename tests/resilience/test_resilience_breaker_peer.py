@@ -30,7 +30,10 @@ def test_closed_opens_until_the_peers_time_then_runs_its_own_trials() -> None:
     h.clock.advance(0.2)  # the peer's hold is over: our own half-open trials
     assert h.call(OK) and h.call(OK)
     assert h.breaker.state is S.CLOSED
-    assert h.moves()[-2:] == [("open", "half_open", "open-expired"), ("half_open", "closed", "half-open-succeeded")]
+    assert h.moves()[-2:] == [
+        ("open", "half_open", "open-expired"),
+        ("half_open", "closed", "half-open-succeeded"),
+    ]
 
 
 def test_a_peer_hold_shorter_than_open_for_is_kept_and_not_doubled() -> None:

@@ -34,7 +34,12 @@ async def test_three_backends_share_one_bucket(prefix: str) -> None:
     # test_state_outage.py).
     errors: list[object] = []
     backends = [
-        RedisBackend(settings(SHARED_URL, prefix, timeout=0.5), SYSTEM_CLOCK, errors.append, heartbeat_every=0.2)
+        RedisBackend(
+            settings(SHARED_URL, prefix, timeout=0.5),
+            SYSTEM_CLOCK,
+            errors.append,
+            heartbeat_every=0.2,
+        )
         for _ in range(3)
     ]
     for backend in backends:
