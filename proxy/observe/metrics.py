@@ -189,18 +189,10 @@ class Metrics:
             ("target", "reason"),
             registry=r,
         )
-        self.state_backend_up = Gauge(
-            p + "state_backend_up",
-            "1 while the fleet state backend answers (DESIGN §15).",
-            ("backend",),
-            registry=r,
-        )
-        self.state_backend_errors = Counter(
-            p + "state_backend_errors_total",
-            "Failed or timed-out calls to the fleet state backend, by operation.",
-            ("backend", "op"),
-            registry=r,
-        )
+        # Registered with the first event of a Redis state backend: a proxy with
+        # `state: {backend: local}` exports no state_backend_* family at all.
+        self._state_up: Gauge | None = None
+        self._state_errors: Counter | None = None
         for result in ("ok", "error", "unchanged"):
             self.config_reloads.labels(result)
         self._recent: dict[str, dict[str, RecentCounter]] = {}
@@ -233,10 +225,32 @@ class Metrics:
             if not event.ok:
                 self.pg_probe_failures.labels(event.target, event.reason or "other").inc()
         elif isinstance(event, StateBackendErrored):
-            self.state_backend_errors.labels(event.backend, event.op).inc()
+            self._state_metrics()[1].labels(event.backend, event.op).inc()
         elif isinstance(event, StateBackendChanged):
-            self.state_backend_up.clear()  # one live backend: a swapped-out one leaves no series
-            self.state_backend_up.labels(event.backend).set(1.0 if event.up else 0.0)
+            up = self._state_metrics()[0]
+            up.clear()  # one live backend: a swapped-out one leaves no series
+            up.labels(event.backend).set(1.0 if event.up else 0.0)
+
+    def _state_metrics(self) -> tuple[Gauge, Counter]:
+        if self._state_up is None or self._state_errors is None:
+            self._state_up = Gauge(
+                PREFIX + "state_backend_up",
+                "1 while the fleet state backend answers (DESIGN §15).",
+                ("backend",),
+                registry=self.registry,
+            )
+            self._state_errors = Counter(
+                PREFIX + "state_backend_errors_total",
+                "Failed or timed-out calls to the fleet state backend, by operation.",
+                ("backend", "op"),
+                registry=self.registry,
+            )
+        return self._state_up, self._state_errors
+
+    def state_backend_gone(self) -> None:
+        """The Redis backend was swapped for the local one: no state_backend_up series."""
+        if self._state_up is not None:
+            self._state_up.clear()
 
     def sync_cache_evictions(self, total: int) -> None:
         """The store counts evictions itself; mirror its total into the counter."""

@@ -212,6 +212,8 @@ class ProxyApp:
         old, self.state = self.state, backend
         self.registry.state = backend
         await old.close()
+        if backend.name == "local":
+            self.metrics.state_backend_gone()
 
     async def _watch_config(self) -> None:
         """Poll the file's content hash: catches edits and ConfigMap symlink swaps alike."""

@@ -27,8 +27,7 @@ class LocalBackend:
         self._quotas = QuotaBoard()
 
     async def start(self) -> None:
-        if self._emit is not None:
-            self._emit(StateBackendChanged(self.name, up=True))
+        return None  # nothing to reach: no events, no state_backend_* series
 
     async def close(self) -> None:
         return None

@@ -68,7 +68,7 @@ async def test_redis_down_warns_in_readyz_counts_errors_logs_once_and_fails_no_r
     caplog.set_level(logging.INFO, logger="resilience_proxy")
     with throwaway_redis() as server:
         state = (
-            f'{{backend: redis, url: "{server.url}", key_prefix: {unique_prefix()}, timeout: 50ms}}'
+            f'{{backend: redis, url: "{server.url}", key_prefix: {unique_prefix()}, timeout: 250ms}}'
         )
         proxy = await start_proxy(CONFIG, tmp_path, URL=upstream.url, STATE=state)
         running.append(proxy)
@@ -131,6 +131,9 @@ async def test_a_reload_that_changes_state_swaps_the_backend(
         running.append(proxy)
         first = proxy.app.state
         assert isinstance(first, LocalBackend)
+        async with http.get(proxy.admin + "/metrics") as resp:
+            assert "state_backend" not in await resp.text()  # local: no such family
+        assert (await readyz(http, proxy))["status"] == "pass"
         shared = f'{{backend: redis, url: "{SHARED_URL}", key_prefix: {prefix}}}'
         proxy.config_path.write_text(
             render(CONFIG, proxy.port, proxy.admin_port, URL=upstream.url, STATE=shared)
@@ -160,6 +163,7 @@ async def test_a_reload_that_changes_state_swaps_the_backend(
         assert (await proxy.app.reload("admin"))[0] == "ok"
         assert isinstance(proxy.app.state, LocalBackend)
         assert not second.available  # closed
+        assert await metric(http, proxy, UP) is None
         async with http.get(proxy.url + "/s/x") as resp:
             assert resp.status == 200
     finally:

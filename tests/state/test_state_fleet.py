@@ -84,7 +84,7 @@ CONFIG = """
 version: 1
 listen: 127.0.0.1:{PORT}
 admin: {listen: 127.0.0.1:{ADMIN_PORT}}
-state: {backend: redis, url: "{REDIS}", key_prefix: {PREFIX}, timeout: 50ms}
+state: {backend: redis, url: "{REDIS}", key_prefix: {PREFIX}, timeout: 250ms}  # generous: a busy test machine
 state_file: false
 upstreams:
   u: {url: "{URL}"}
