@@ -282,8 +282,8 @@ class _Compiler:
                 quiet_period=_or(shutdown.quiet_period, ShutdownPolicy().quiet_period),
                 drain_timeout=_or(shutdown.drain_timeout, ShutdownPolicy().drain_timeout),
             ),
-            state=self.state(spec.state),
             state_file=self.state_file(spec.state_file),
+            state=self.state(spec.state),
             upstreams=upstreams,
             routes=tuple(routes),
             cache=self.cache(spec),
@@ -337,15 +337,13 @@ class _Compiler:
         """The fleet state backend; its URL's password joins the secrets."""
         default, given = StateSettings(), spec or StateSpec()
         backend = _or(given.backend, default.backend)
-        url = given.url or ""
-        display, passwords = display_dsn(url) if url else ("", [])
-        self.secrets.update(passwords)
-        if backend == "redis" and not url:
-            self.problem(("state", "url"), "required when state.backend is redis")
+        if backend == "redis" and not given.url:
+            self.problem(("state", "url"), "required with backend: redis")
+        if given.url:
+            self.secrets.update(display_dsn(given.url)[1])  # user:password@ and ?password=
         return StateSettings(
             backend=backend,
-            url=url,
-            display_url=display,
+            url=given.url or None,
             key_prefix=_or(given.key_prefix, default.key_prefix).strip(),
             timeout=_or(given.timeout, default.timeout),
         )
@@ -742,13 +740,13 @@ def effective_tree(config: Config, policies: Sequence[str | None] = ()) -> dict[
         },
         "limits": asdict(config.limits),
         "shutdown": asdict(config.shutdown),
+        "state_file": config.state_file,
         "state": {
             "backend": config.state.backend,
-            "url": config.state.display_url or None,
+            "url": display_dsn(config.state.url)[0] if config.state.url else None,
             "key_prefix": config.state.key_prefix,
             "timeout": config.state.timeout,
         },
-        "state_file": config.state_file,
         "upstreams": {name: _upstream_tree(up) for name, up in config.upstreams.items()},
         "routes": [
             _route_tree(route, policies[i] if i < len(policies) else None)

@@ -15,6 +15,7 @@ from typing import Literal
 Jitter = Literal["full", "equal", "none"]
 BreakerMode = Literal["enforce", "observe", "disabled"]
 Readiness = Literal["ignore", "fail_on_critical"]
+StateBackendKind = Literal["local", "redis"]
 
 # Outcome conditions that are not HTTP statuses, spelled as in the YAML and metric labels.
 CONNECT_FAILURE = "connect-failure"
@@ -249,13 +250,13 @@ class CacheSettings:
 
 @dataclass(frozen=True, slots=True)
 class StateSettings:
-    """Fleet state (DESIGN §15). `url` may hold a password: never log it; use `display_url`."""
+    """`state` (DESIGN §15): where shared rate limits, quota snapshots and shared breaker
+    trips live."""
 
-    backend: Literal["local", "redis"] = "local"
-    url: str = ""
-    display_url: str = ""  # the URL with its password redacted
+    backend: StateBackendKind = "local"
+    url: str | None = None  # redis://...; may hold a password: never log it
     key_prefix: str = "resilience-proxy"
-    timeout: float = 0.05  # seconds, every Redis command including its connect
+    timeout: float = 0.05  # seconds: bounds every Redis call, its connect included
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,8 +287,8 @@ class Config:
     admin: AdminSettings = AdminSettings()
     limits: Limits = Limits()
     shutdown: ShutdownPolicy = ShutdownPolicy()
-    state: StateSettings = StateSettings()
     state_file: str | None = None  # resolved path; None: persistence off
+    state: StateSettings = StateSettings()
     upstreams: Mapping[str, Upstream] = field(default_factory=dict)
     routes: tuple[Route, ...] = ()
     cache: CacheSettings = CacheSettings()

@@ -343,11 +343,10 @@ Text = Annotated[str, AfterValidator(_check_not_blank)]
 def _check_redis_url(value: str) -> str:
     # Never quoted back: a Redis URL may carry a password. Empty is allowed here (a
     # `${REDIS_URL:-}` with `backend: local`); `backend: redis` needs one (compile time).
-    text = value.strip()
-    scheme = text.partition("://")[0].lower()
-    if text and (scheme not in ("redis", "rediss", "unix") or "://" not in text):
-        raise ValueError("must be a redis://[:password@]host:port/db (or rediss://, unix://) URL")
-    return text
+    scheme = value.strip().partition("://")[0].lower()
+    if value.strip() and (scheme not in ("redis", "rediss", "unix") or "://" not in value):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")  # may hold a password
+    return value.strip()
 
 
 RedisUrl = Annotated[str, AfterValidator(_check_redis_url), _text_schema()]
@@ -608,13 +607,14 @@ class CacheSpec(Spec):
 
 class StateSpec(Spec):
     backend: Literal["local", "redis"] | None = None
-    """local (default): nothing shared; redis: shared buckets, quotas and breaker trips."""
+    """local (default): each sidecar on its own; redis: shared limits, quota snapshots and
+    (breaker.share) breaker trips."""
     url: RedisUrl | None = None
-    """redis://[:password@]host:port/db; required with backend: redis."""
+    """redis://[:password@]host:port/db (required with backend redis)."""
     key_prefix: Text | None = None
     """Prefix of every key and channel (default resilience-proxy)."""
     timeout: PositiveDuration | None = None
-    """Bound on every Redis command, connect included (default 50ms)."""
+    """Bounds each Redis call, its connect included (default 50ms)."""
 
 
 class PgPoolSpec(Spec):
@@ -663,10 +663,10 @@ class ConfigSpec(Spec):
     admin: AdminSpec | None = None
     limits: LimitsSpec | None = None
     shutdown: ShutdownSpec | None = None
-    state: StateSpec | None = None
-    """Fleet state (DESIGN §15): {backend: local} or {backend: redis, url, key_prefix, timeout}."""
     state_file: PathOrFlag | None = None
     """Breaker state; empty: $XDG_STATE_HOME/resilience-proxy/state.json; false: off."""
+    state: StateSpec | None = None
+    """Fleet state (DESIGN §15): local, or shared through Redis."""
     upstreams: dict[Name, UpstreamSpec] | None = None
     policies: dict[Name, PolicySpec] | None = None
     routes: list[RouteSpec] | None = None

@@ -33,6 +33,7 @@ from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.exceptions import NoScriptError
 
 from proxy.clock import Clock
+from proxy.config.compile import display_dsn
 from proxy.config.model import StateSettings
 from proxy.observe.events import StateBackendChanged, StateBackendErrored
 from proxy.state.bucket import LocalBuckets, QuotaBoard, Snapshot
@@ -61,6 +62,8 @@ class RedisBackend:
         heartbeat_every: float = HEARTBEAT_EVERY,
     ) -> None:
         self.settings = settings
+        self.url = settings.url or ""
+        self.where = display_dsn(self.url)[0]  # for logs and /status: the password redacted
         self._clock = clock
         self._emit: Callable[[StateEvent], None] = emit or _ignore
         self._timeout = settings.timeout
@@ -93,7 +96,7 @@ class RedisBackend:
         timeout = self._timeout
         try:
             pool = BlockingConnectionPool.from_url(
-                self.settings.url,
+                self.url,
                 max_connections=MAX_CONNECTIONS,
                 timeout=timeout,
                 socket_timeout=timeout,
@@ -101,7 +104,7 @@ class RedisBackend:
             )
             # Pub/sub reads wait for messages: no read timeout there, only on connecting.
             sub_pool = ConnectionPool.from_url(
-                self.settings.url, max_connections=2, socket_connect_timeout=timeout
+                self.url, max_connections=2, socket_connect_timeout=timeout
             )
         except Exception as exc:  # noqa: BLE001 - a URL redis-py cannot use: stay down, never crash
             self._guard.go_down()
@@ -165,7 +168,7 @@ class RedisBackend:
             "backend": self.name,
             "available": self.available,
             "peers": self._peers,
-            "where": self.settings.display_url,
+            "where": self.where,
             "key_prefix": self.settings.key_prefix,
         }
 
@@ -254,9 +257,7 @@ class RedisBackend:
 
     def _announce(self, *, up: bool, error: str = "") -> None:
         self._emit(
-            StateBackendChanged(
-                self.name, up=up, where=self.settings.display_url, error=error, peers=self._peers
-            )
+            StateBackendChanged(self.name, up=up, where=self.where, error=error, peers=self._peers)
         )
 
     async def _beat(self, *, bypass: bool = False) -> tuple[bool, str]:

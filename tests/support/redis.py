@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator, Iterator
 import redis as redis_sync
 from redis.asyncio import Redis
 
-from proxy.config.compile import display_dsn
 from proxy.config.model import StateSettings
 from tests.support.proxy import free_port
 
@@ -33,10 +32,7 @@ def unique_prefix() -> str:
 
 def settings(url: str, prefix: str, timeout: float = 0.05) -> StateSettings:
     """What `state: {backend: redis, url, key_prefix, timeout}` compiles to."""
-    display, _ = display_dsn(url)
-    return StateSettings(
-        backend="redis", url=url, display_url=display, key_prefix=prefix, timeout=timeout
-    )
+    return StateSettings(backend="redis", url=url, key_prefix=prefix, timeout=timeout)
 
 
 def delete_prefix(url: str, prefix: str) -> None:
