@@ -326,9 +326,9 @@ class RedisBackend:
             except Exception as exc:  # noqa: BLE001 - counted; we resubscribe
                 self._failed("subscribe", type(exc).__name__)
             finally:
-                try:
-                    async with asyncio.timeout(self._timeout):
-                        await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+                try:  # returns the connection to the pool (its disconnect is bounded by
+                    # the connect timeout): cutting it short could leak a pool slot
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
                 except Exception:  # noqa: BLE001 - closing a dead connection
                     pass
             await self._clock.sleep(RESUBSCRIBE_EVERY)

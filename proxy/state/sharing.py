@@ -1,10 +1,10 @@
 """Breaker sharing (`breaker.share: true`, DESIGN §15): one sidecar's trip opens the fleet's.
 
-A local trip to OPEN (any reason but "peer" or "restored") of a breaker whose policy shares
-is published with its open-until; a trip heard from a peer opens the same (route, upstream)
-breaker here through `Breaker.trip_from_peer`, which follows the state machine's rules and
-emits reason "peer". Peers' trips are never re-published, so nothing loops; each sidecar
-then runs its own half-open trials.
+A local trip to OPEN (any reason but "peer" or "restored") of an enforcing breaker whose
+policy shares is published with its open-until; a trip heard from a peer opens the same
+(route, upstream) breaker here through `Breaker.trip_from_peer`, which follows the state
+machine's rules and emits reason "peer". Peers' trips are never re-published, so nothing
+loops; each sidecar then runs its own half-open trials.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ class BreakerSharing:
         if event.reason in NOT_PUBLISHED:
             return
         breaker = self._breakers.get((event.route, event.upstream))
-        if breaker is None or not breaker.policy.share:
-            return
+        if breaker is None or not breaker.policy.share or breaker.policy.mode != "enforce":
+            return  # an observe-only trip must not make enforcing peers reject
         until = breaker.hold_until_wall(self._clock.wall())
         if until is None:
             return

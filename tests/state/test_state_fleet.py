@@ -97,6 +97,10 @@ routes:
     match: {path_prefix: /o/}
     upstream: u
     breaker: {consecutive_failures: 2, failure_rate: false, open_for: 30s}
+  - name: observed
+    match: {path_prefix: /b/}
+    upstream: u
+    breaker: {consecutive_failures: 2, failure_rate: false, open_for: 30s, share: true, mode: observe}
 """
 
 
@@ -137,7 +141,10 @@ async def test_one_trip_opens_all_three_and_a_late_starter(
         for _ in range(2):
             async with http.get(proxies[0].url + "/s/x") as resp:
                 assert resp.status == 500
+            async with http.get(proxies[0].url + "/b/x") as resp:
+                assert resp.status == 500
         assert await breaker_state(http, proxies[0], "shared") == "open"
+        assert await breaker_state(http, proxies[0], "observed") == "open"  # records, never rejects
 
         async def all_open() -> bool:
             return all([await breaker_state(http, p, "shared") == "open" for p in proxies])
@@ -150,8 +157,10 @@ async def test_one_trip_opens_all_three_and_a_late_starter(
                 assert resp.headers["X-Resilience-Reason"] == "breaker-open"
                 assert 25 <= int(resp.headers["Retry-After"]) <= 30
         assert len(upstream.requests) == seen
-        # The route without `share` is untouched everywhere.
+        # The route without `share` is untouched everywhere, and an observe-only trip is
+        # not published (it must not make enforcing peers reject).
         assert [await breaker_state(http, p, "own") for p in proxies] == ["closed"] * 3
+        assert [await breaker_state(http, p, "observed") for p in proxies[1:]] == ["closed"] * 2
 
         late = await fleet_factory(upstream)  # learns the trip from the trips set
         await poll(lambda: _is_open(http, late), timeout=5)

@@ -5,6 +5,7 @@ the guard stops asking, limits fall back to rps ÷ N, and shared limits resume a
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator
 
@@ -206,3 +207,31 @@ async def test_a_redis_that_is_down_at_start_starts_unavailable_and_comes_up() -
     finally:
         await backend.close()
         server.kill()
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_outages_leak_no_connections(fleet: Fleet) -> None:
+    a = await fleet.start()
+    await timed_takes(a, 20, 100.0, 100.0)
+    before = open_fds()
+    for _ in range(2):
+        fleet.server.kill()
+        await timed_takes(a, 20, 100.0, 100.0)
+        await asyncio.sleep(1.5)  # pub/sub reconnect attempts while it is down
+        fleet.server.start()
+        await poll(lambda: a.available, timeout=PROBE_EVERY + 5)
+        await timed_takes(a, 20, 100.0, 100.0)
+        await asyncio.sleep(1.5)  # resubscribed
+    # the three backends hold a few connections each; nothing accumulates per outage
+    print(f"fds before {before}, after {open_fds()}")
+    assert open_fds() <= before + 6
+    client = fleet.server.client()
+    try:
+        clients = await client.client_list()
+    finally:
+        await client.aclose()
+    print(f"redis clients {len(clients)}")
+    assert len(clients) <= 3 * 4 + 1
