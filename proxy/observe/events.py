@@ -24,12 +24,6 @@ class BreakerTransitioned:
 
 
 @dataclass(frozen=True, slots=True)
-class BreakerRejected:
-    route: str
-    upstream: str
-
-
-@dataclass(frozen=True, slots=True)
 class ConfigReloaded:
     result: str  # ok | error | unchanged
     trigger: str  # signal | admin | file-change | start
@@ -80,13 +74,23 @@ class StateBackendErrored:
     op: str  # take | heartbeat | put-quota | get-quota | publish-trip | subscribe | probe
 
 
+@dataclass(frozen=True, slots=True)
+class FailedOver:
+    """An attempt of a request went to another target than the one before (DESIGN §16)."""
+
+    route: str
+    from_upstream: str
+    to_upstream: str
+    reason: str  # the failover `on` token: breaker-open, quota, connect-failure, 5xx, ...
+
+
 Event = (
     BreakerTransitioned
-    | BreakerRejected
     | ConfigReloaded
     | PgProbed
     | PgStatusChanged
     | RetryScheduled
+    | FailedOver
     | StateBackendChanged
     | StateBackendErrored
 )
