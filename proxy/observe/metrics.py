@@ -319,7 +319,10 @@ FAMILIES = _families(
         ("target",),
     ),
     Family("pg_consecutive_failures", "gauge", "Consecutive failed probes.", ("target",)),
-    # -- the fleet state backend: rendered only once a Redis backend has reported ---------
+)
+# The fleet state backend's families: rendered only once a Redis backend has reported, so
+# a proxy with `state: {backend: local}` exports no state_backend_* family at all.
+STATE_FAMILIES = _families(
     Family(
         "state_backend_up",
         "gauge",
@@ -334,8 +337,6 @@ FAMILIES = _families(
         ("backend", "op"),
     ),
 )
-# With `state: {backend: local}` these families are not exported at all.
-STATE_FAMILIES = frozenset(("state_backend_up", "state_backend_errors_total"))
 
 
 def method_label(method: str) -> str:
@@ -711,11 +712,11 @@ class _Collector(Collector):
         self._render_events(families)
         self._render_live(families)
         self._render_postgres(families)
-        self._render_state(families)
-        if not self.m._state_seen:
-            for name in STATE_FAMILIES:
-                del families[name]
         yield from families.values()
+        if self.m._state_seen:
+            state = {name: f.new() for name, f in STATE_FAMILIES.items()}
+            self._render_state(state)
+            yield from state.values()
 
     def _render_state(self, f: dict[str, Any]) -> None:
         for backend, up in self.m._state_up.items():

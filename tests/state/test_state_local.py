@@ -143,3 +143,27 @@ async def test_local_backend_is_a_process_local_bucket() -> None:
 def test_make_backend_picks_redis() -> None:
     settings_ = StateSettings(backend="redis", url="redis://127.0.0.1:1/0")
     assert isinstance(make_backend(settings_, FakeClock()), RedisBackend)
+
+
+def test_state_metrics_appear_with_a_redis_backend_and_move_with_its_events() -> None:
+    from prometheus_client import generate_latest
+
+    from proxy.observe.events import StateBackendChanged, StateBackendErrored
+    from proxy.observe.metrics import Metrics
+
+    metrics = Metrics(clock=FakeClock())
+    assert b"state_backend" not in generate_latest(metrics.registry)  # local: no family
+
+    def sample(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value("resilience_proxy_" + name, labels)
+
+    metrics.on_event(StateBackendChanged("redis", up=True))
+    assert sample("state_backend_up", backend="redis") == 1.0
+    assert b"# HELP resilience_proxy_state_backend_errors_total" in generate_latest(metrics.registry)
+    for _ in range(3):
+        metrics.on_event(StateBackendErrored("redis", "take"))
+    metrics.on_event(StateBackendChanged("redis", up=False))
+    assert sample("state_backend_up", backend="redis") == 0.0
+    assert sample("state_backend_errors_total", backend="redis", op="take") == 3.0
+    metrics.state_backend_gone()  # swapped for the local backend
+    assert sample("state_backend_up", backend="redis") is None
