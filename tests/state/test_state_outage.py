@@ -209,7 +209,7 @@ async def test_a_redis_that_is_down_at_start_starts_unavailable_and_comes_up() -
         await poll(lambda: backend.available, timeout=PROBE_EVERY + 5)
     finally:
         await backend.close()
-        server.kill()
+        server.close()
 
 
 def open_fds() -> int:

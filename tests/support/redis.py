@@ -138,6 +138,11 @@ class ThrowawayRedis:
         self.kill()
         self.start()
 
+    def close(self) -> None:
+        """Kill it and remove its directory."""
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
     def client(self) -> Redis:
         return Redis.from_url(self.url, socket_timeout=2)
 
@@ -148,5 +153,4 @@ def throwaway_redis() -> Iterator[ThrowawayRedis]:
     try:
         yield server
     finally:
-        server.kill()  # resumes a frozen one first
-        shutil.rmtree(server.dir, ignore_errors=True)
+        server.close()  # resumes a frozen one first
