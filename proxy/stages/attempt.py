@@ -51,7 +51,12 @@ class AttemptStage(Stage):
         try:
             body = call.body
             response = await client.send(
-                call.method, call.path_qs, call.headers, body.payload(), body.stream_length
+                call.method,
+                call.path_qs,
+                call.headers,
+                body.payload(),
+                body.stream_length,
+                on_interim=getattr(call, "on_interim", None),
             )
         except asyncio.CancelledError:
             if cutoff is None or not cutoff.fired or cutoff.task.uncancel() > 0:
@@ -60,6 +65,8 @@ class AttemptStage(Stage):
         except UpstreamFailure as exc:
             if call.body.client_error is not None:
                 raise call.body.client_error from None
+            if exc.kind == "upstream-status":  # a 101 nobody asked for: answered 502
+                return _bad_status(call, clock.now() - start)
             return _failed(call, exc.kind, clock.now() - start, exc.before_request, False)
         finally:
             client.in_flight -= 1
@@ -91,6 +98,16 @@ class _Cutoff:
     def fire(self) -> None:
         self.fired = True
         self.task.cancel()
+
+
+def _bad_status(call: Call, duration: float) -> Result:
+    """An interim status the proxy cannot relay (a `101`): the attempt got a response
+    (metric result `status`, not a breaker failure, not retried); the client gets 502
+    `upstream-status`."""
+    call.record.attempts.append((AttemptResult.STATUS, duration))
+    result = Result(failure="upstream-status")
+    result.attempt = Attempt(AttemptResult.STATUS, 101, False, duration)
+    return result
 
 
 def _failed(call: Call, kind: str, duration: float, before: bool, total: bool) -> Result:
