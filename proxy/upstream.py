@@ -90,8 +90,9 @@ class UpstreamBodyError(ConnectionError):
     """The response body broke off while streaming (connection lost, bad chunk framing)."""
 
 
-class _HeadOnly(Exception):
-    """Raised from the parser callback to stop llhttp at the end of a bodiless head."""
+class _StopParsing(Exception):
+    """Raised from a parser callback to stop llhttp: at the end of a HEAD response's head, or
+    at a head the exchange cannot go on from (a 101, a bad status, a head too large)."""
 
 
 def _ssl_context(upstream: Upstream) -> ssl.SSLContext | None:
@@ -242,7 +243,8 @@ class _Connection(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self._raw: list[tuple[bytes, bytes]] = []
         self._reason = b""
-        self._head_bytes = 0
+        self._head_bytes = 0  # bytes received before the final head completed
+        self._field_bytes = 0  # header bytes of the current head
         self._tail = b""  # the last bytes fed, to see where a HEAD response's head ended
 
     # -- asyncio.Protocol --------------------------------------------------------------------
@@ -260,7 +262,7 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _HeadOnly):
+            if isinstance(exc.__context__, _StopParsing):
                 self._finished_head_only(data)
                 return
             self._framing(exc)
@@ -320,12 +322,17 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._raw = []
         self._reason = b""
+        self._field_bytes = 0
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._raw.append((name, value))
+        self._field_bytes += len(name) + len(value)
+        if self._field_bytes > MAX_HEAD_BYTES:
+            self._fail_head(f"bad response framing: head larger than {MAX_HEAD_BYTES} bytes")
+            raise _StopParsing
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -339,7 +346,7 @@ class _Connection(asyncio.Protocol):
                 )
                 self.keep_alive = False
                 self._wake()
-                raise _HeadOnly
+                raise _StopParsing
             if status == 103:
                 fields = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self._raw]
                 self.interims.append((status, fields))
@@ -357,7 +364,7 @@ class _Connection(asyncio.Protocol):
         self.body = ResponseBody(self)
         self._wake()
         if self.head_only:
-            raise _HeadOnly
+            raise _StopParsing
 
     def on_body(self, data: bytes) -> None:
         body = self.body
@@ -431,7 +438,7 @@ class _Connection(asyncio.Protocol):
 
     def _bad_status(self, status: int) -> None:
         self._fail_head(f"bad response framing: status {status} or version not HTTP/1.x")
-        raise _HeadOnly
+        raise _StopParsing
 
     def _fail_head(self, cause: str) -> None:
         if self.failure is None:
