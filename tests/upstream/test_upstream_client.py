@@ -477,3 +477,27 @@ def test_certificate_error_names_the_reason():
         connect_cause(OSError("Multiple exceptions: [Errno 111] a, [Errno 111] b"), 2.0)
         == "ECONNREFUSED"
     )
+
+
+async def test_a_cancelled_attempt_closes_its_connection_and_frees_the_slot(upstream):
+    c = make_client(upstream.url, max_connections=1)
+    upstream.push(Reply(action="hang"))
+    try:
+        task = asyncio.create_task(c.send("GET", "/hang", hdrs(), None))
+        await poll(lambda: len(upstream.requests) == 1)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert c.open_connections == 0
+        await poll(lambda: upstream.cancelled == 1)  # the upstream saw the connection close
+        assert await get(c, "/next") == (200, b"ok")
+    finally:
+        await c.close()
+
+
+async def test_close_closes_idle_connections_and_refuses_reuse(upstream):
+    c = make_client(upstream.url)
+    assert await get(c) == (200, b"ok")
+    await c.close()
+    assert c.closed and c.open_connections == 0
+    await poll(lambda: upstream.open_connections == 0)
