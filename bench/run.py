@@ -628,6 +628,17 @@ def checks(summaries: Sequence[Summary]) -> list[Check]:
                     value <= 1.5,
                 )
             )
+    if have("failover", "guarded"):
+        delta = _pct(by["failover"].cpu_us_per_req, by["guarded"].cpu_us_per_req)
+        rps = _pct(by["failover"].rps, by["guarded"].rps)
+        out.append(
+            Check(
+                "failover route CPU/req vs guarded (same route without failover)",
+                f"{delta:+.1f}% (req/s {rps:+.1f}%)",
+                "≤ +10%",
+                delta <= 10.0,
+            )
+        )
     return out
 
 
@@ -1127,6 +1138,12 @@ def throughput(env: Env, args: argparse.Namespace) -> dict[str, Any]:
             Target("retry", "(b) + retries configured (none taken)", f"{base}/retry/x", proxy),
             Target("guarded", "(c) + breaker + bulkhead", f"{base}/guarded/x", proxy),
             Target(
+                "failover",
+                "(g) (c) + failover to a second target (primary healthy)",
+                f"{base}/failover/x",
+                proxy,
+            ),
+            Target(
                 "fallback", "(d) + cached fallback (stores every 200)", f"{base}/fallback/x", proxy
             ),
             Target(
@@ -1149,13 +1166,13 @@ def throughput(env: Env, args: argparse.Namespace) -> dict[str, Any]:
             ),
             Target(
                 "allpol",
-                "(g) every policy: timeout + retry + breaker + bulkhead + fallback",
+                "(h) every policy: timeout + retry + breaker + bulkhead + fallback",
                 f"{base}/allpol/x",
                 proxy,
             ),
             Target(
                 "stale",
-                "(h) stale answer from the fallback store (breaker open)",
+                "(i) stale answer from the fallback store (breaker open)",
                 f"{base}/stale/x",
                 proxy,
                 200,
@@ -1180,7 +1197,7 @@ def throughput(env: Env, args: argparse.Namespace) -> dict[str, Any]:
             ),
             Target(
                 "allpol64",
-                "64 KiB response: (g) every policy (ratios to nginx64)",
+                "64 KiB response: (h) every policy (ratios to nginx64)",
                 f"{base}/allpol/big/x",
                 proxy,
                 reference="nginx64",
@@ -1206,7 +1223,7 @@ def throughput(env: Env, args: argparse.Namespace) -> dict[str, Any]:
             ),
             Target(
                 "upload",
-                "1 MiB POST: (g) every policy, streamed (ratios to nginx-up; RSS growth)",
+                "1 MiB POST: (h) every policy, streamed (ratios to nginx-up; RSS growth)",
                 f"{base}/allpol/upload/x",
                 proxy,
                 reference="nginx-up",
