@@ -38,13 +38,13 @@ async def test_an_upstream_closing_idle_connections_never_causes_a_502(
     # previous answer, so some are written just as the upstream closes (DESIGN §5).
     proxy = await proxy_factory(CONFIG, URL=closing_upstream.url, IDLE="4s")
     statuses = []
-    for i in range(60):
+    for i in range(40):
         async with http.get(f"{proxy.url}/r/{i}") as resp:
             statuses.append(resp.status)
             await resp.read()
         await asyncio.sleep(0.1)
     assert statuses.count(502) == 0, statuses
-    assert len(closing_upstream.requests) >= 60
+    assert len(closing_upstream.requests) >= 40
 
 
 @pytest.fixture

@@ -501,3 +501,15 @@ async def test_close_closes_idle_connections_and_refuses_reuse(upstream):
     await c.close()
     assert c.closed and c.open_connections == 0
     await poll(lambda: upstream.open_connections == 0)
+
+
+async def test_a_head_answered_with_a_body_is_not_reused(client, upstream):
+    # A server that wrongly sends a body after a HEAD head: the bytes cannot be told from
+    # the next response, so the connection goes.
+    upstream.push(Reply(raw=b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbody"))
+    response = await client.send("HEAD", "/", hdrs(), None)
+    assert response.status == 200 and response.headers["Content-Length"] == "4"
+    response.release()
+    assert client.open_connections == 0
+    assert await get(client) == (200, b"ok")
+    assert upstream.connections == 2
