@@ -267,8 +267,8 @@ class _Connection(asyncio.Protocol):
                 return
             self._framing(exc)
             return
-        except httptools.HttpParserError as exc:
-            self._framing(exc)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._framing(exc)  # (an upgrade is a 101, stopped at its head before this)
             return
         if self.final is None and self._head_bytes > MAX_HEAD_BYTES and self.failure is None:
             self._fail_head(f"bad response framing: head larger than {MAX_HEAD_BYTES} bytes")
