@@ -227,7 +227,7 @@ class _Connection(asyncio.Protocol):
         self.reused = False  # it served a response before this exchange
         self.pooled = False  # in the client's idle list
         self.discarded = False
-        self.idle_timer: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0  # loop time it went back to the pool
         self.reading_paused = False
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
@@ -539,7 +539,11 @@ class UpstreamClient:
         if upstream.userinfo and not any(n.lower() == "authorization" for n, _ in upstream.headers):
             user, password = upstream.userinfo
             self._auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-        self._idle: list[_Connection] = []
+        # Idle connections, least recently used first (each release appends, each acquire
+        # takes the newest): the front is always the next to expire, so one timer per pool
+        # (`_sweep`) serves them all and a request costs no timer of its own.
+        self._idle: deque[_Connection] = deque()
+        self._sweep: asyncio.TimerHandle | None = None
         self._open = 0
         self._waiters: deque[asyncio.Future[_Connection | None]] = deque()
         self._closed = False
@@ -550,9 +554,6 @@ class UpstreamClient:
         while idle:
             conn = idle.pop()
             conn.pooled = False
-            if conn.idle_timer is not None:
-                conn.idle_timer.cancel()
-                conn.idle_timer = None
             if conn.alive and conn.keep_alive:
                 return conn
             self._discard(conn)
@@ -611,17 +612,26 @@ class UpstreamClient:
                     waiter.set_result(conn)
                     return
             conn.pooled = True
-            conn.idle_timer = conn.loop.call_later(
-                self.upstream.idle_timeout, self._expire_idle, conn
-            )
+            loop = conn.loop
+            conn.idle_since = loop.time()
             self._idle.append(conn)
+            if self._sweep is None:
+                self._sweep = loop.call_at(
+                    conn.idle_since + self.upstream.idle_timeout, self._expire, loop
+                )
             return
         self._discard(conn)
 
-    def _expire_idle(self, conn: _Connection) -> None:
-        """An idle pooled connection outlived `idle_timeout`."""
-        conn.idle_timer = None
-        self._lost_idle(conn)
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Close the pooled connections idle for `idle_timeout`, then wait for the next."""
+        self._sweep = None
+        idle, timeout = self._idle, self.upstream.idle_timeout
+        # A timer may fire up to the loop's clock resolution early: a little slack.
+        cutoff = loop.time() - timeout + 0.005
+        while idle and idle[0].idle_since <= cutoff:
+            self._lost_idle(idle[0])
+        if idle and not self._closed:
+            self._sweep = loop.call_at(idle[0].idle_since + timeout, self._expire, loop)
 
     def _lost_idle(self, conn: _Connection) -> None:
         """A pooled connection timed out, or the upstream closed it, while idle."""
@@ -632,9 +642,6 @@ class UpstreamClient:
             self._idle.remove(conn)
         except ValueError:
             pass
-        if conn.idle_timer is not None:
-            conn.idle_timer.cancel()
-            conn.idle_timer = None
         self._discard(conn)
 
     def _discard(self, conn: _Connection) -> None:
@@ -804,6 +811,9 @@ class UpstreamClient:
 
     async def close(self) -> None:
         self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for conn in list(self._idle):
             self._lost_idle(conn)
         for waiter in self._waiters:

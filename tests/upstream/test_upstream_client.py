@@ -513,3 +513,22 @@ async def test_a_head_answered_with_a_body_is_not_reused(client, upstream):
     assert client.open_connections == 0
     assert await get(client) == (200, b"ok")
     assert upstream.connections == 2
+
+
+async def test_each_idle_connection_expires_after_its_own_last_use(upstream):
+    c = make_client(upstream.url, idle_timeout=0.4)
+    upstream.default = Reply(delay=0.05)
+    try:
+        await asyncio.gather(get(c, "/a"), get(c, "/b"))  # two connections, idle together
+        assert c.open_connections == 2
+        await asyncio.sleep(0.2)
+        assert await get(c, "/c") == (200, b"ok")  # one of them is used again
+        loop = asyncio.get_running_loop()
+        reused_at = loop.time()
+        await poll(lambda: c.open_connections == 1, timeout=2)  # the other one expired
+        assert upstream.open_connections == 1
+        await poll(lambda: c.open_connections == 0, timeout=2)  # then the reused one,
+        assert loop.time() - reused_at >= 0.38  # a full idle_timeout after its own use
+        await poll(lambda: upstream.open_connections == 0)
+    finally:
+        await c.close()
