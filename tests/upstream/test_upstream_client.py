@@ -532,3 +532,32 @@ async def test_each_idle_connection_expires_after_its_own_last_use(upstream):
         await poll(lambda: upstream.open_connections == 0)
     finally:
         await c.close()
+
+
+async def test_failures_leak_no_connection_and_no_file_descriptor(client, upstream):
+    import os
+
+    assert await get(client) == (200, b"ok")
+    fds = len(os.listdir("/proc/self/fd"))
+    failures = [
+        Reply(action="reset-before-head"),
+        Reply(action="reset-after-head"),
+        Reply(raw=b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx"),
+        Reply(raw=b"HTTP/1.1 101 Switching Protocols\r\n\r\n"),
+        Reply(body=b"y" * 5000, action="close-mid-body"),
+    ]
+    for _ in range(10):
+        for failure in failures:
+            upstream.push(failure, failure)  # twice: a reset may be resent once
+            with contextlib.suppress(UpstreamFailure, UpstreamBodyError):
+                response = await client.send("GET", "/", hdrs(), None)
+                try:
+                    while await response.content.readany():
+                        pass
+                finally:
+                    response.close()
+            upstream.replies.clear()
+            assert await get(client) == (200, b"ok")
+    assert client.open_connections == 1
+    await poll(lambda: upstream.open_connections == 1)
+    assert len(os.listdir("/proc/self/fd")) <= fds
