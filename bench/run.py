@@ -34,6 +34,7 @@ import string
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -386,6 +387,7 @@ class Run:
     rss_after_kib: int | None = None
     hwm_before_kib: int | None = None
     hwm_after_kib: int | None = None
+    rss_peak_kib: int | None = None  # VmRSS sampled during the run (measure_rss)
 
 
 @dataclass(slots=True)
@@ -437,9 +439,11 @@ def measure(
     up_before = tree_ticks(upstream.pid)
     core_before = parse_core_busy(_read("/proc/stat") or "", target_core or 0)
     wall_before = time.monotonic()
-    result = run_wrk(
-        target.url, duration, target.connections or connections, wrk_core, target.script
-    )
+    sampler = RssSampler(subject.pid) if subject and target.measure_rss else None
+    with sampler or contextlib.nullcontext():
+        result = run_wrk(
+            target.url, duration, target.connections or connections, wrk_core, target.script
+        )
     wall = time.monotonic() - wall_before
     core_busy = parse_core_busy(_read("/proc/stat") or "", target_core or 0) - core_before
     after = tree_ticks(subject.pid) if subject else 0
@@ -459,22 +463,28 @@ def measure(
         rss_after_kib=mem_after.get("VmRSS"),
         hwm_before_kib=mem_before.get("VmHWM"),
         hwm_after_kib=mem_after.get("VmHWM"),
+        rss_peak_kib=sampler.peak if sampler else None,
     )
 
 
-def rss_growth(runs: Sequence[Run]) -> float:
-    """KiB the process's RSS grew over these runs: from VmRSS before the first to the peak
-    during any of them (VmHWM after a run when it rose during that run, else VmRSS after).
-    NaN without figures."""
+def rss_growth(
+    runs: Sequence[Run], baseline_kib: int | None = None, extra_peaks: Sequence[int] = ()
+) -> float:
+    """KiB the process's RSS grew over these runs: from `baseline_kib` (VmRSS before the
+    row's warm-up; else VmRSS before the first run) to the peak during any of them (VmRSS
+    sampled during the run; else VmHWM after a run when it rose during that run, else VmRSS
+    after), `extra_peaks` (the warm-up's) included. NaN without figures."""
     measured = [r for r in runs if r.rss_before_kib is not None and r.rss_after_kib is not None]
     if not measured:
         return float("nan")
-    start = measured[0].rss_before_kib
+    start = baseline_kib if baseline_kib is not None else measured[0].rss_before_kib
     assert start is not None
-    peak = 0
+    peak = max(extra_peaks, default=0)
     for r in measured:
         assert r.rss_after_kib is not None
         top = r.rss_after_kib
+        if r.rss_peak_kib is not None:
+            top = max(top, r.rss_peak_kib)
         if r.hwm_after_kib is not None and r.hwm_before_kib is not None:
             if r.hwm_after_kib > r.hwm_before_kib:
                 top = max(top, r.hwm_after_kib)
@@ -482,8 +492,46 @@ def rss_growth(runs: Sequence[Run]) -> float:
     return float(peak - start)
 
 
-def summarize(targets: Sequence[Target], runs: Sequence[Run]) -> list[Summary]:
-    """Median of each figure over repeats, then ratios to the nginx reverse-proxy row."""
+def _row_growth(runs: Sequence[Run], baseline: tuple[int | None, int | None] | None) -> float:
+    if baseline is None:
+        return rss_growth(runs)
+    before, warm_peak = baseline
+    return rss_growth(runs, before, () if warm_peak is None else (warm_peak,))
+
+
+class RssSampler:
+    """VmRSS of a process polled every `interval` s in a thread while a run goes on: the
+    peak of a row that does not raise VmHWM (an earlier row may hold the lifetime peak)."""
+
+    def __init__(self, pid: int, interval: float = 0.02) -> None:
+        self.pid, self.interval = pid, interval
+        self.peak: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            rss = memory_kib(self.pid)["VmRSS"]
+            if rss is not None and (self.peak is None or rss > self.peak):
+                self.peak = rss
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def summarize(
+    targets: Sequence[Target],
+    runs: Sequence[Run],
+    rss_baselines: Mapping[str, tuple[int | None, int | None]] | None = None,
+) -> list[Summary]:
+    """Median of each figure over repeats, then ratios to each row's reference (nginx).
+    `rss_baselines`: per measure_rss row, (VmRSS before its warm-up, peak during it)."""
     out: list[Summary] = []
     for target in targets:
         mine = [r for r in runs if r.target == target.key]
@@ -504,7 +552,11 @@ def summarize(targets: Sequence[Target], runs: Sequence[Run]) -> list[Summary]:
                 unexpected_responses=unexpected,
                 repeats=len(mine),
                 core_other_pct=median([r.core_other_pct for r in mine]),
-                rss_growth_kib=rss_growth(mine) if target.measure_rss else float("nan"),
+                rss_growth_kib=(
+                    _row_growth(mine, (rss_baselines or {}).get(target.key))
+                    if target.measure_rss
+                    else float("nan")
+                ),
             )
         )
     by = {s.target: s for s in out}
@@ -1257,8 +1309,18 @@ def throughput(env: Env, args: argparse.Namespace) -> dict[str, Any]:
                 print(f"  {name:<9} {' → '.join(names or [])}", file=sys.stderr)
 
             warm = max(1, min(2, args.duration // 3))
+            rss_baselines: dict[str, tuple[int | None, int | None]] = {}
             for t in targets:
                 print(f"warm-up {t.key} ({warm}s)", file=sys.stderr)
+                if t.measure_rss and t.under_test is not None:
+                    # The row's first uploads are its worst case: measured from before them.
+                    before = memory_kib(t.under_test.pid)["VmRSS"]
+                    with RssSampler(t.under_test.pid) as sampler:
+                        run_wrk(
+                            t.url, warm, t.connections or args.connections, env.load_core, t.script
+                        )
+                    rss_baselines[t.key] = (before, sampler.peak)
+                    continue
                 run_wrk(t.url, warm, t.connections or args.connections, env.load_core, t.script)
             if any(t.key == "fallback" for t in targets):
                 cached = route_status(env, "fallback").get("cache", {})
@@ -1316,7 +1378,7 @@ def throughput(env: Env, args: argparse.Namespace) -> dict[str, Any]:
                 holder.close()
     open_summaries = summarize_open_loop(open_runs)
     open_found = open_loop_checks(open_summaries)
-    summaries = summarize(targets, runs)
+    summaries = summarize(targets, runs, rss_baselines)
     found = checks(summaries)
     print()
     print(table(summaries))

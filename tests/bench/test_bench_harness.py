@@ -310,3 +310,24 @@ def test_lua_scripts_render() -> None:
     assert 'wrk.method = "POST"' in upload and str(run.UPLOAD_BYTES) in upload
     spread = run.render(run.SPREAD_LUA, {"routes": 100, "limit": 10_000})
     assert "local limit = 10000" in spread and "wrk.thread:stop()" in spread
+
+
+def test_rss_growth_from_the_warm_up_baseline_and_sampled_peaks() -> None:
+    # VmHWM never rose (an earlier row holds the lifetime peak): the sampled VmRSS counts.
+    run_ = _mem_run(52_000, 51_000, 90_000, 90_000)
+    run_.rss_peak_kib = 56_000
+    assert run.rss_growth([run_]) == 56_000 - 52_000
+    # From before the warm-up, whose own peak (58 000) was the highest.
+    assert run.rss_growth([run_], 50_000, (58_000,)) == 8_000
+    targets = [run.Target("upload", "", "", None, measure_rss=True)]
+    (summary,) = run.summarize(targets, [run_], {"upload": (50_000, 58_000)})
+    assert summary.rss_growth_kib == 8_000
+
+
+def test_rss_sampler_sees_this_process() -> None:
+    import os
+    import time
+
+    with run.RssSampler(os.getpid(), interval=0.01) as sampler:
+        time.sleep(0.05)
+    assert sampler.peak is not None and sampler.peak > 1000
