@@ -24,6 +24,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from proxy.config.loader import Document, Path
 from proxy.config.model import (
+    AccessLogSettings,
     AdminSettings,
     BackoffPolicy,
     BreakerPolicy,
@@ -54,6 +55,7 @@ from proxy.config.schema import (
     CONDITIONS_RETRY,
     STAGE_KEYS,
     UNINJECTABLE_HEADERS,
+    AccessLogSpec,
     AdminSpec,
     BackoffSpec,
     BreakerSpec,
@@ -280,6 +282,8 @@ class _Compiler:
                 quiet_period=_or(shutdown.quiet_period, ShutdownPolicy().quiet_period),
                 drain_timeout=_or(shutdown.drain_timeout, ShutdownPolicy().drain_timeout),
             ),
+            headers_with_underscores=spec.headers_with_underscores or "reject",
+            access_log=self.access_log(spec),
             state_file=self.state_file(spec.state_file),
             upstreams=upstreams,
             routes=tuple(routes),
@@ -294,6 +298,15 @@ class _Compiler:
         tree = effective_tree(config, self.route_policies)
         redacted = _Redactor(self.doc, self.route_policies, secrets).tree(tree)
         return replace(config, redacted=redacted, secrets=secrets)
+
+    def access_log(self, spec: ConfigSpec) -> AccessLogSettings:
+        block = spec.access_log or AccessLogSpec()
+        default = AccessLogSettings()
+        return AccessLogSettings(
+            enabled=_or(block.enabled, default.enabled),
+            sample=_or(block.sample, default.sample),
+            slow=_or(block.slow, default.slow),
+        )
 
     def admin(self, spec: ConfigSpec) -> AdminSettings:
         admin = spec.admin or AdminSpec()
@@ -392,6 +405,7 @@ class _Compiler:
             forwarded_headers=_or(spec.forwarded_headers, default.forwarded_headers),
             connect_timeout=_or(spec.connect_timeout, default.connect_timeout),
             max_connections=_or(spec.max_connections, default.max_connections),
+            request_id=_or(spec.request_id, default.request_id),
             tls=tls,
             userinfo=userinfo,
         )
@@ -721,6 +735,8 @@ def effective_tree(config: Config, policies: Sequence[str | None] = ()) -> dict[
         },
         "limits": asdict(config.limits),
         "shutdown": asdict(config.shutdown),
+        "headers_with_underscores": config.headers_with_underscores,
+        "access_log": asdict(config.access_log),
         "state_file": config.state_file,
         "upstreams": {name: _upstream_tree(up) for name, up in config.upstreams.items()},
         "routes": [
@@ -739,6 +755,7 @@ def _upstream_tree(upstream: Upstream) -> dict[str, Any]:
         "forwarded_headers": upstream.forwarded_headers,
         "connect_timeout": upstream.connect_timeout,
         "max_connections": upstream.max_connections,
+        "request_id": upstream.request_id,
         "tls": {"verify": upstream.tls.verify, "ca_file": upstream.tls.ca_file},
     }
     if upstream.userinfo is not None:

@@ -79,6 +79,7 @@ class Upstream:
     forwarded_headers: bool = False
     connect_timeout: float = 2.0
     max_connections: int = 100
+    request_id: bool = False  # send a generated X-Request-Id upstream
     tls: TlsSettings = TlsSettings()
     userinfo: tuple[str, str] | None = None  # from the URL; sent as Basic auth, never logged
 
@@ -234,6 +235,13 @@ class ShutdownPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class AccessLogSettings:
+    enabled: bool = False
+    sample: float = 1.0  # share of requests logged; errors always are
+    slow: float = 0.0  # seconds: log only requests at least this slow
+
+
+@dataclass(frozen=True, slots=True)
 class AdminSettings:
     host: str = "127.0.0.1"
     port: int = 9901
@@ -274,6 +282,8 @@ class Config:
     admin: AdminSettings = AdminSettings()
     limits: Limits = Limits()
     shutdown: ShutdownPolicy = ShutdownPolicy()
+    headers_with_underscores: str = "reject"  # reject | drop | allow
+    access_log: AccessLogSettings = AccessLogSettings()
     state_file: str | None = None  # resolved path; None: persistence off
     upstreams: Mapping[str, Upstream] = field(default_factory=dict)
     routes: tuple[Route, ...] = ()

@@ -1,107 +1,197 @@
 """The proxy listener's request handler: refuse, route, run the pipeline, stream back.
 
 Per request it reads the live `Runtime` once, so a reload never changes a request midway.
+The connection protocol (`proxy.server.protocol`) hands it requests whose framing is
+valid, in order, and frames whatever it answers.
+
+Every answer's head is one bytes join: the status line, the varying lines (the upstream's
+headers, `X-Resilience-Attempts`, `X-Request-Id`) and the route's prebuilt lines (`Via`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import Any
 
 import aiohttp
-from aiohttp import web
-from multidict import CIMultiDict
 
 from proxy.cache import cache_status_value
-from proxy.errors import MESSAGES, STATUS_FOR_FAILURE, ProxyError, error_body
-from proxy.headers import VIA_VALUE
-from proxy.observe.metrics import RequestRecord, observe_unrouted
-from proxy.server.body import BodyTooLarge, ClientBodyTimeout, prepare_body
+from proxy.clock import Clock, Rng
+from proxy.config.model import Limits
+from proxy.errors import (
+    MESSAGES,
+    STATUS_FOR_FAILURE,
+    BadRequestBody,
+    BodyTooLarge,
+    ClientBodyTimeout,
+    ProxyError,
+    error_body,
+)
+from proxy.headers import HOP_BY_HOP, VIA_VALUE
+from proxy.observe.access import client_request_id, new_request_id, trace_id
+from proxy.observe.metrics import Metrics, RequestRecord, observe_unrouted
 from proxy.server.forwarding import (
-    build_client_headers,
     build_upstream_headers,
+    client_head_lines,
     split_target,
+    stored_head_lines,
     upstream_path,
 )
-from proxy.stages.call import EMPTY_BODY, Call, RequestBody, Result
-
-if TYPE_CHECKING:
-    from proxy.config.model import Limits
-    from proxy.server.app import ProxyApp
-    from proxy.server.runtime import RouteRuntime, Runtime
+from proxy.server.protocol import Request, encode_head
+from proxy.server.runtime import RouteRuntime, Runtime
+from proxy.stages.call import EMPTY_BODY, Call, RequestBody, Result, prepare_body
 
 _NO_BODY_STATUSES = frozenset((204, 304))
-_JSON = "application/json"
+_CLOSING_STATUSES = frozenset((400, 408, 413, 431, 501, 505))
+_VIA_LINE = f"Via: {VIA_VALUE}\r\n".encode()
+_JSON_LINE = "Content-Type: application/json\r\n"
+# Set by the handler on stored and static answers: the stored value, if any, is replaced.
+_STALE_SET = frozenset(
+    ("age", "x-resilience-fallback", "x-resilience-reason", "cache-status", "x-resilience-attempts")
+)
+_STATIC_SET = _STALE_SET - {"age"}
+# What may fail while relaying an upstream body: the new client raises ConnectionError
+# subclasses, aiohttp's (until it is gone) its ClientError.
+_BODY_FAILURES = (TimeoutError, ConnectionError, aiohttp.ClientError)
+
+
+class Activity:
+    """In-flight requests and the time of the last one, for the shutdown's quiet period."""
+
+    __slots__ = ("active", "clock", "last")
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.active = 0
+        self.last = clock.now()
+
+    def started(self) -> None:
+        self.active += 1  # while > 0 the quiet period cannot have begun
+
+    def finished(self) -> None:
+        self.active -= 1
+        self.last = self.clock.now()
 
 
 class ProxyHandler:
-    """aiohttp low-level handler for the proxy listener."""
+    """The listener's application: it answers each request the connection hands it."""
 
-    def __init__(self, app: ProxyApp) -> None:
-        self.app = app
+    def __init__(
+        self,
+        runtime: Callable[[], Runtime],
+        *,
+        clock: Clock,
+        rng: Rng,
+        metrics: Metrics,
+        activity: Activity,
+    ) -> None:
+        self._runtime = runtime
+        self.clock = clock
+        self.rng = rng
+        self.metrics = metrics
+        self.activity = activity
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        app = self.app
-        app.requests_started()
+    # -- what the connection asks -------------------------------------------------------
+    def limits(self) -> Limits:
+        return self._runtime().config.limits
+
+    def underscores(self) -> str:
+        return self._runtime().config.headers_with_underscores
+
+    def refuse(self, req: Request, error: ProxyError) -> None:
+        """A request the connection refused (bad framing, slow or large head)."""
+        rid = client_request_id(req.headers.get("X-Request-Id")) or new_request_id(self.rng)
+        observe_unrouted(self.metrics, req.method, error.status, "rejected", 0.0)
+        _send_error(req, rid, error.status, error.reason, "", error.message, None)
+        access = self._runtime().access
+        if access is not None and access.wanted(error.status, "rejected", 0.0):
+            access.emit(_access_fields(req, None, rid, error.status, "rejected", None, 0.0))
+
+    async def handle(self, req: Request) -> None:
+        activity = self.activity
+        activity.started()
         try:
-            return await self._handle(request)
+            await self._handle(req)
         finally:
-            app.requests_finished()
+            activity.finished()
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        app = self.app
-        clock = app.clock
+    # -- one request ------------------------------------------------------------------------
+    async def _handle(self, req: Request) -> None:
+        clock = self.clock
         start = clock.now()
-        runtime = app.runtime
-        method = request.method
+        runtime = self._runtime()
+        method = req.method
+        incoming = req.headers
+        client_id = client_request_id(incoming.get("X-Request-Id"))
+        rid = client_id or new_request_id(self.rng)
         try:
-            rt, path_qs = self._admit(request, runtime)
+            rt, path_qs = _admit(req, runtime)
         except ProxyError as exc:
             outcome = "no-route" if exc.status == 404 else "rejected"
-            observe_unrouted(app.metrics, method, exc.status, outcome, clock.now() - start)
-            return _error_response(exc.status, exc.reason, exc.route, exc.message, attempts=None)
+            duration = clock.now() - start
+            observe_unrouted(self.metrics, method, exc.status, outcome, duration)
+            _send_error(req, rid, exc.status, exc.reason, exc.route, exc.message, None)
+            access = runtime.access
+            if access is not None and access.wanted(exc.status, outcome, duration):
+                access.emit(_access_fields(req, None, rid, exc.status, outcome, None, duration))
+            return
 
         record = RequestRecord(method)
         route = rt.route
-        response: web.StreamResponse | None = None
         result: Result | None = None
         try:
             try:
-                body = await self._read_body(request, rt, runtime.config.limits)
+                body = await _read_body(req, rt, runtime.config.limits)
             except ProxyError as exc:
                 record.code, record.outcome = exc.status, "rejected"
-                response = _error_response(exc.status, exc.reason, rt.name, exc.message, None)
-                return response
-            incoming = request.headers
-            make_headers = partial(build_upstream_headers, incoming, rt.header_plan, request)
+                _send_error(req, rid, exc.status, exc.reason, rt.name, exc.message, None)
+                return
+            make_headers = partial(
+                build_upstream_headers,
+                incoming,
+                rt.header_plan,
+                req,
+                None if client_id is not None else rid,
+            )
             call = Call(method, path_qs, make_headers, incoming, body, record, None)
+            if not req.http10:
+                call.on_interim = partial(_relay_interim, req)
             retry = route.retry
             if retry is not None and retry.idempotency_header is not None:
                 call.has_idempotency_key = retry.idempotency_header in incoming
             caller_ms = incoming.get("X-Resilience-Timeout-Ms")
-            if caller_ms is not None and caller_ms.isdigit() and int(caller_ms) > 0:
-                call.deadline = start + int(caller_ms) / 1000.0
+            if caller_ms is not None:
+                # A positive integer of ASCII digits (DESIGN §6); anything else is ignored.
+                if caller_ms.isascii() and caller_ms.isdigit() and len(caller_ms) <= 12:
+                    ms = int(caller_ms)
+                    if ms > 0:
+                        call.deadline = start + ms / 1000.0
             try:
                 result = await rt.pipeline(call)
             except ClientBodyTimeout:
                 record.code, record.outcome = 408, "rejected"
-                return _error_response(
-                    408, "client-timeout", rt.name, "the request body arrived too slowly", None
-                )
+                message = "the request body arrived too slowly"
+                _send_error(req, rid, 408, "client-timeout", rt.name, message, None)
+                return
             except BodyTooLarge:
                 record.code, record.outcome = 413, "rejected"
                 limit = runtime.config.limits.max_request_body
-                return _error_response(
-                    413, "body-too-large", rt.name, f"the request body exceeds {limit} bytes", None
-                )
+                message = f"the request body exceeds {limit} bytes"
+                _send_error(req, rid, 413, "body-too-large", rt.name, message, None)
+                return
+            except BadRequestBody:
+                record.code, record.outcome = 400, "rejected"
+                message = "the request body could not be parsed"
+                _send_error(req, rid, 400, "bad-request", rt.name, message, None)
+                return
             attempts = len(record.attempts)
             if result.response is not None:
-                response = await self._stream(request, rt, result, record, attempts)
-                return response
-            response = self._local(result, rt, record, attempts)
-            return response
+                await _stream(req, rt, result, record, attempts, rid)
+            else:
+                _local(req, result, rt, record, attempts, rid)
         except asyncio.CancelledError:
             record.code, record.outcome = 499, "client-cancelled"
             raise
@@ -112,227 +202,249 @@ class ProxyHandler:
                 result.discard() if record.outcome == "client-cancelled" else result.finish()
             end = clock.now()
             rt.metrics.observe(record, end - start, rt.retry_enabled, end)
+            access = runtime.access
+            if access is not None and access.wanted(record.code, record.outcome, end - start):
+                access.emit(
+                    _access_fields(req, rt, rid, record.code, record.outcome, record, end - start)
+                )
 
-    def _admit(self, request: web.BaseRequest, runtime: Runtime) -> tuple[RouteRuntime, str]:
-        """Every refusal of DESIGN §5, then route matching; returns the route and upstream path."""
-        method = request.method
-        if method == "CONNECT":
-            raise ProxyError.bad_request("CONNECT is not supported: this is not a forward proxy")
-        raw = request.raw_path
-        limits = runtime.config.limits
-        head = len(method) + len(raw) + 12
-        for name, value in request.raw_headers:
-            head += len(name) + len(value) + 4
-        if head > limits.max_header_bytes:
-            raise ProxyError.head_too_large(limits.max_header_bytes)
-        headers = request.headers
-        for via in headers.getall("Via", ()):
+
+def _admit(req: Request, runtime: Runtime) -> tuple[RouteRuntime, str]:
+    """The refusals of DESIGN §5 the connection leaves to us, then route matching; returns
+    the route and the upstream path."""
+    headers = req.headers
+    if "Via" in headers:
+        for via in headers.getall("Via"):
             if "resilience-proxy" in via:
                 raise ProxyError(508, "loop", "the request already passed through this proxy")
-        upgrade = headers.get("Upgrade")
-        if upgrade is not None and upgrade.strip().lower() != "h2c":
-            # An h2c offer (`curl --http2`) may be ignored (RFC 9110 §7.8): the request is
-            # served over HTTP/1.1. Anything else (WebSocket) needs a tunnel we do not offer.
-            raise ProxyError(501, "upgrade", "protocol upgrades (WebSocket) are not supported")
-        path, query = split_target(raw)
-        rt = runtime.match(path, request.host, method)
-        if rt is None:
-            raise ProxyError(404, "no-route", "no route matches this request")
-        return rt, upstream_path(rt.route, path) + query
+    upgrade = headers.get("Upgrade")
+    if upgrade is not None and upgrade.strip().lower() != "h2c":
+        # An h2c offer (`curl --http2`) may be ignored (RFC 9110 §7.8): the request is
+        # served over HTTP/1.1. Anything else (WebSocket) needs a tunnel we do not offer.
+        raise ProxyError(501, "upgrade", "protocol upgrades (WebSocket) are not supported")
+    path, query = split_target(req.target)
+    rt = runtime.match(path, req.host, req.method)
+    if rt is None:
+        raise ProxyError(404, "no-route", "no route matches this request")
+    return rt, upstream_path(rt.route, path) + query
 
-    async def _read_body(
-        self, request: web.BaseRequest, rt: RouteRuntime, limits: Limits
-    ) -> RequestBody:
-        """The request body, read under the limits of the config the request started with."""
-        if not request.body_exists:
-            return EMPTY_BODY  # most requests: nothing to read, check or buffer
-        route = rt.route
-        replay = route.retry.max_body if route.retry is not None else 0
-        fallback = route.fallback
-        if fallback is not None and request.method not in ("GET", "HEAD"):
-            if request.method in fallback.methods:
-                replay = max(replay, 64 * 1024)
-        length = request.content_length
-        chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
-        if length is not None and length > limits.max_request_body:
-            raise ProxyError.body_too_large(limits.max_request_body)
-        if request.headers.get("Expect", "").lower() == "100-continue" and (length or chunked):
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        try:
-            return await prepare_body(
-                request.content,
-                content_length=length,
-                chunked=chunked,
-                max_body=limits.max_request_body,
-                replay_limit=replay,
-                gap=limits.client_body_timeout,
-            )
-        except ClientBodyTimeout:
-            raise ProxyError(408, "client-timeout", "the request body arrived too slowly") from None
 
-    async def _stream(
-        self,
-        request: web.BaseRequest,
-        rt: RouteRuntime,
-        result: Result,
-        record: RequestRecord,
-        attempts: int,
-    ) -> web.StreamResponse:
-        upstream = result.response
-        assert upstream is not None
-        status = upstream.status
-        record.code = status
-        record.outcome = "upstream-status" if status >= 500 or status == 429 else "ok"
-        up_headers = upstream.headers
-        headers = build_client_headers(
-            up_headers.items(), up_headers.getall("Connection", []), rt.route, request
+async def _read_body(req: Request, rt: RouteRuntime, limits: Limits) -> RequestBody:
+    """The request body, read under the limits of the config the request started with."""
+    stream = req.body
+    if stream is None:
+        return EMPTY_BODY  # most requests: nothing to read, check or buffer
+    route = rt.route
+    replay = route.retry.max_body if route.retry is not None else 0
+    fallback = route.fallback
+    method = req.method
+    if fallback is not None and method not in ("GET", "HEAD") and method in fallback.methods:
+        replay = max(replay, 64 * 1024)
+    length = req.content_length
+    if length is not None and length > limits.max_request_body:
+        raise ProxyError.body_too_large(limits.max_request_body)
+    req.send_continue()  # after the size checks (DESIGN §5)
+    try:
+        return await prepare_body(
+            stream, content_length=length, max_body=limits.max_request_body, replay_limit=replay
         )
-        headers["X-Resilience-Attempts"] = str(attempts)
-        writer = result.writer
-        content = upstream.content
-        if request.method == "HEAD" or status in _NO_BODY_STATUSES:
-            response: web.StreamResponse = StreamedResponse(
-                status=status, reason=upstream.reason, headers=headers
-            )
-            await response.prepare(request)
-            if writer is not None:
-                writer.finish()
-                result.writer = None
-            upstream.release()
-            return response
-        if content.is_eof():
-            # The whole body arrived with the head (most API answers): one write, no timer.
-            body = content.read_nowait()
-            if writer is not None:
-                writer.feed(body)
-                writer.finish()
-                result.writer = None
-            upstream.release()
-            headers.popall("Content-Length", None)  # recomputed from the complete body
-            return WholeResponse(status=status, reason=upstream.reason, headers=headers, body=body)
-        response = StreamedResponse(status=status, reason=upstream.reason, headers=headers)
-        await response.prepare(request)
-        idle = rt.route.timeout.idle
-        client = rt.state.client
-        client.streaming += 1
-        try:
-            while True:
-                chunk = content.read_nowait()
-                if not chunk:
-                    if content.is_eof():
-                        break
-                    # Nothing buffered: only now does the idle timeout need a timer.
-                    if idle is None:
-                        chunk = await content.readany()
-                    else:
-                        async with asyncio.timeout(idle):
-                            chunk = await content.readany()
-                    if not chunk:
-                        break
-                if writer is not None:
-                    writer.feed(chunk)
-                await response.write(chunk)
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            # Bytes already reached the client: the only honest signal left is to cut the
-            # connection, so the client sees an incomplete response rather than a short one.
-            record.outcome = "timeout" if isinstance(exc, TimeoutError) else "reset"
-            if writer is not None:
-                writer.abort()
-                result.writer = None
-            upstream.close()
-            if request.transport is not None:
-                request.transport.close()
-            return response
-        finally:
-            client.streaming -= 1
+    except ClientBodyTimeout:
+        raise ProxyError(408, "client-timeout", "the request body arrived too slowly") from None
+    except BodyTooLarge:
+        raise ProxyError.body_too_large(limits.max_request_body) from None
+    except BadRequestBody:
+        raise ProxyError.bad_request("the request body could not be parsed") from None
+
+
+def _relay_interim(req: Request, status: int, headers: list[tuple[str, str]]) -> None:
+    """103 Early Hints to an HTTP/1.1 client, hop-by-hop fields removed; other 1xx are
+    consumed. Not a response byte for retry, failover or fallback decisions."""
+    if status != 103:
+        return
+    lines = "".join(f"{n}: {v}\r\n" for n, v in headers if n.lower() not in HOP_BY_HOP)
+    req.send_interim(103, lines)
+
+
+async def _stream(
+    req: Request,
+    rt: RouteRuntime,
+    result: Result,
+    record: RequestRecord,
+    attempts: int,
+    rid: str,
+) -> None:
+    upstream = result.response
+    assert upstream is not None
+    status = upstream.status
+    record.code = status
+    record.outcome = "upstream-status" if status >= 500 or status == 429 else "ok"
+    up_headers = upstream.headers
+    lines, length = client_head_lines(
+        up_headers.items(), up_headers.getall("Connection", []), rt.route, req
+    )
+    head = b"".join(
+        (
+            encode_head(f"{lines}X-Resilience-Attempts: {attempts}\r\nX-Request-Id: {rid}\r\n"),
+            rt.head_suffix,
+        )
+    )
+    writer = result.writer
+    content = upstream.content
+    if req.method == "HEAD" or status in _NO_BODY_STATUSES:
+        # Content-Length passes through on HEAD and 304, and is dropped on 204.
+        req.start(status, upstream.reason, head, None if status == 204 else length, bodiless=True)
         if writer is not None:
             writer.finish()
             result.writer = None
         upstream.release()
-        await response.write_eof()
-        return response
+        return
+    if content.is_eof():
+        # The whole body arrived with the head (most API answers): one write, no timer.
+        body = content.read_nowait()
+        if writer is not None:
+            writer.feed(body)
+            writer.finish()
+            result.writer = None
+        upstream.release()
+        req.send_whole(status, upstream.reason, head, body)  # Content-Length recomputed
+        return
+    req.start(status, upstream.reason, head, length)
+    idle = rt.route.timeout.idle
+    client = rt.state.client
+    client.streaming += 1
+    try:
+        while True:
+            chunk = content.read_nowait()
+            if not chunk:
+                if content.is_eof():
+                    break
+                # Nothing buffered: only now does the idle timeout need a timer.
+                if idle is None:
+                    chunk = await content.readany()
+                else:
+                    async with asyncio.timeout(idle):
+                        chunk = await content.readany()
+                if not chunk:
+                    break
+            if writer is not None:
+                writer.feed(chunk)
+            await req.write(chunk)
+    except _BODY_FAILURES as exc:
+        # Bytes already reached the client: the only honest signal left is to cut the
+        # connection, so the client sees an incomplete response rather than a short one.
+        record.outcome = "timeout" if isinstance(exc, TimeoutError) else "reset"
+        if writer is not None:
+            writer.abort()
+            result.writer = None
+        upstream.close()
+        req.abort()
+        return
+    finally:
+        client.streaming -= 1
+    if writer is not None:
+        writer.finish()
+        result.writer = None
+    upstream.release()
+    req.end()
 
-    def _local(
-        self, result: Result, rt: RouteRuntime, record: RequestRecord, attempts: int
-    ) -> web.StreamResponse:
-        failure = result.failure
-        reason = failure if failure in STATUS_FOR_FAILURE else "upstream-status"
-        if result.stale is not None:
-            hit = result.stale
-            headers = CIMultiDict(hit.headers)
-            headers["Age"] = str(hit.age)
-            headers["X-Resilience-Fallback"] = "stale"
-            headers["X-Resilience-Reason"] = reason
-            headers["Cache-Status"] = cache_status_value(
-                hit,
-                forwarded=failure not in ("breaker-open", "bulkhead-full"),
-                fwd_status=result.attempt.status if result.attempt is not None else None,
-            )
-            headers["X-Resilience-Attempts"] = str(attempts)
-            headers.add("Via", VIA_VALUE)
-            record.code, record.outcome = hit.status, "fallback-stale"
-            return WholeResponse(status=hit.status, headers=headers, body=hit.body)
-        if result.static is not None:
-            static = result.static
-            headers = CIMultiDict(static.headers)
-            headers["X-Resilience-Fallback"] = "static"
-            headers["X-Resilience-Reason"] = reason
-            headers["X-Resilience-Attempts"] = str(attempts)
-            headers["Cache-Status"] = "resilience-proxy; fwd=uri-miss; detail=static-fallback"
-            headers.add("Via", VIA_VALUE)
-            record.code, record.outcome = static.status, "fallback-static"
-            return WholeResponse(status=static.status, headers=headers, body=static.body)
-        failure = failure or "reset"
-        status = STATUS_FOR_FAILURE.get(failure, 502)
-        record.code, record.outcome = status, failure
-        extra = None
-        if failure == "breaker-open" and result.retry_after is not None:
-            extra = {"Retry-After": str(max(1, math.ceil(result.retry_after)))}
-        return _error_response(
-            status, failure, rt.name, MESSAGES.get(failure, "upstream failure"), attempts, extra
+
+def _local(
+    req: Request, result: Result, rt: RouteRuntime, record: RequestRecord, attempts: int, rid: str
+) -> None:
+    """A fallback (stale or static) or the proxy's own error answer."""
+    failure = result.failure
+    reason = failure if failure in STATUS_FOR_FAILURE else "upstream-status"
+    if result.stale is not None:
+        hit = result.stale
+        status_value = cache_status_value(
+            hit,
+            forwarded=failure not in ("breaker-open", "bulkhead-full"),
+            fwd_status=result.attempt.status if result.attempt is not None else None,
         )
+        lines = (
+            f"{stored_head_lines(hit.headers, _STALE_SET)}Age: {hit.age}\r\n"
+            f"X-Resilience-Fallback: stale\r\nX-Resilience-Reason: {reason}\r\n"
+            f"Cache-Status: {status_value}\r\nX-Resilience-Attempts: {attempts}\r\n"
+            f"X-Request-Id: {rid}\r\n"
+        )
+        record.code, record.outcome = hit.status, "fallback-stale"
+        req.send_whole(hit.status, "", encode_head(lines) + rt.head_suffix, hit.body)
+        return
+    if result.static is not None:
+        static = result.static
+        lines = (
+            f"{stored_head_lines(static.headers, _STATIC_SET)}X-Resilience-Fallback: static\r\n"
+            f"X-Resilience-Reason: {reason}\r\nX-Resilience-Attempts: {attempts}\r\n"
+            "Cache-Status: resilience-proxy; fwd=uri-miss; detail=static-fallback\r\n"
+            f"X-Request-Id: {rid}\r\n"
+        )
+        record.code, record.outcome = static.status, "fallback-static"
+        req.send_whole(static.status, "", encode_head(lines) + rt.head_suffix, static.body)
+        return
+    failure = failure or "reset"
+    status = STATUS_FOR_FAILURE.get(failure, 502)
+    record.code, record.outcome = status, failure
+    extra = None
+    if failure == "breaker-open" and result.retry_after is not None:
+        extra = f"Retry-After: {max(1, math.ceil(result.retry_after))}\r\n"
+    message = MESSAGES.get(failure, "upstream failure")
+    _send_error(req, rid, status, failure, rt.name, message, attempts, extra)
 
 
-class _AddsNothing(web.StreamResponse):
-    """aiohttp adds `Server` and a default `Content-Type` while preparing a response; the
-    proxy relays what the upstream sent and nothing else (and does not advertise its own
-    software on the answers it makes itself), so those are taken back out."""
-
-    async def _prepare_headers(self) -> None:
-        headers = self.headers
-        absent = [name for name in ("Server", "Content-Type") if name not in headers]
-        await super()._prepare_headers()
-        for name in absent:
-            headers.popall(name, None)
-
-
-class StreamedResponse(_AddsNothing):
-    """An upstream response relayed as its body arrives."""
-
-
-class WholeResponse(_AddsNothing, web.Response):
-    """A complete response (upstream, fallback or the proxy's own), sent in one write."""
-
-
-def _error_response(
+def _send_error(
+    req: Request,
+    rid: str,
     status: int,
     reason: str,
     route: str,
     message: str,
     attempts: int | None,
-    extra: dict[str, str] | None = None,
-) -> web.Response:
-    headers = CIMultiDict({"Content-Type": _JSON})
+    extra: str | None = None,
+) -> None:
+    """The proxy's own JSON error answer (DESIGN §6)."""
+    parts = [_JSON_LINE]
     if reason in STATUS_FOR_FAILURE:
-        headers["X-Resilience-Reason"] = reason
+        parts.append(f"X-Resilience-Reason: {reason}\r\n")
     if attempts is not None:
-        headers["X-Resilience-Attempts"] = str(attempts)
+        parts.append(f"X-Resilience-Attempts: {attempts}\r\n")
     if extra:
-        headers.update(extra)
-    headers["Via"] = VIA_VALUE
-    response = WholeResponse(
-        status=status, headers=headers, body=error_body(reason, route, message)
+        parts.append(extra)
+    parts.append(f"X-Request-Id: {rid}\r\n")
+    if status in _CLOSING_STATUSES:
+        req.close_after()
+    req.send_whole(
+        status, "", encode_head("".join(parts)) + _VIA_LINE, error_body(reason, route, message)
     )
-    if status in (400, 408, 413, 431, 501):
-        response.force_close()
-    return response
+
+
+def _access_fields(
+    req: Request,
+    rt: RouteRuntime | None,
+    rid: str,
+    status: int,
+    outcome: str,
+    record: RequestRecord | None,
+    duration: float,
+) -> dict[str, Any]:
+    """One access-log line (DESIGN §13): never the query string or a header value."""
+    attempts = record.attempts if record is not None else []
+    breaker = rt.state.breaker if rt is not None else None
+    fallback = outcome[len("fallback-") :] if outcome.startswith("fallback-") else None
+    return {
+        "route": rt.name if rt is not None else "",
+        "upstream": rt.route.upstream.name if rt is not None else "",
+        "method": req.method,
+        "path": req.target.partition("?")[0],
+        "status": status,
+        "outcome": outcome,
+        "attempts": len(attempts),
+        "retry_reasons": list(record.retries) if record is not None else [],
+        "fallback": fallback,
+        "breaker": breaker.state if breaker is not None else None,
+        "duration_ms": round(duration * 1000, 3),
+        "upstream_ms": round(sum(d for _, d in attempts) * 1000, 3),
+        "bytes_in": req.body.received if req.body is not None else 0,
+        "bytes_out": req.bytes_out,
+        "request_id": rid,
+        "trace_id": trace_id(req.headers.get("traceparent")),
+    }

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from proxy.cache import FallbackStore
 from proxy.clock import Clock, Rng
 from proxy.config.model import Config, Route, Upstream
+from proxy.headers import VIA_VALUE
+from proxy.observe.access import AccessLog
 from proxy.observe.events import EventBus
 from proxy.observe.metrics import Metrics, RouteMetrics
 from proxy.resilience.breaker import Breaker
@@ -40,6 +42,7 @@ class RouteRuntime:
     retry_enabled: bool
     state: RouteState
     header_plan: HeaderPlan
+    head_suffix: bytes  # response header lines every answer of this route ends with
 
     def matches(self, path: str, host: str, method: str) -> bool:
         prefix = self.prefix  # segment-wise: /api (or /api/) matches /api and /api/x, not /apix
@@ -66,6 +69,7 @@ class Runtime:
     config: Config
     routes: tuple[RouteRuntime, ...]
     loaded_at: float  # wall time
+    access: AccessLog | None = None  # None: access_log disabled, no work per request
 
     def match(self, path: str, host: str, method: str) -> RouteRuntime | None:
         for rt in self.routes:
@@ -191,7 +195,9 @@ def compile_runtime(
                 retry_enabled="retry" in names,
                 state=state,
                 header_plan=HeaderPlan.for_upstream(route.upstream),
+                head_suffix=f"Via: {VIA_VALUE}\r\n".encode(),
             )
         )
     registry.prune(config)
-    return Runtime(config, tuple(routes), clock.wall())
+    access = AccessLog.build(config.access_log, rng)
+    return Runtime(config, tuple(routes), clock.wall(), access)
