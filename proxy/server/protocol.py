@@ -97,7 +97,9 @@ def encode_head(text: str) -> bytes:
     try:
         return text.encode("latin-1")
     except UnicodeEncodeError:
-        return text.encode("utf-8")
+        # surrogateescape: what a UTF-8-decoding peer library kept as surrogates goes out
+        # as the bytes it came in as.
+        return text.encode("utf-8", "surrogateescape")
 
 
 class Application(Protocol):

@@ -1,0 +1,181 @@
+"""Strict request framing (DESIGN §5 "Strict framing" and "Special requests"), over raw
+sockets: each vector asserts the proxy's answer, that the connection closed when it must,
+and what the upstream received — nothing, or exactly one request with the same body."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+
+import pytest
+
+from tests.support.upstream import Reply
+
+CONFIG = """
+version: 1
+listen: 127.0.0.1:{PORT}
+admin: {listen: 127.0.0.1:{ADMIN_PORT}}
+{EXTRA}
+upstreams:
+  api: {url: "{URL}"}
+routes:
+  - {name: api, match: {path_prefix: /api/}, upstream: api}
+"""
+
+
+async def exchange(port: int, data: bytes, *, wait: float = 3.0) -> tuple[bytes, bool]:
+    """Send `data`, read until the proxy closes or `wait` passes: (bytes, closed)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    chunks = []
+    closed = False
+    try:
+        writer.write(data)
+        await writer.drain()
+        try:
+            async with asyncio.timeout(wait):
+                while True:
+                    chunk = await reader.read(65536)
+                    if not chunk:
+                        closed = True
+                        break
+                    chunks.append(chunk)
+        except TimeoutError:
+            pass
+        except ConnectionResetError:
+            closed = True
+    finally:
+        writer.close()
+    return b"".join(chunks), closed
+
+
+def statuses(raw: bytes) -> list[int]:
+    """The status of every answer in `raw` (interim ones included), in order."""
+    return [int(code) for code in re.findall(rb"HTTP/1\.[01] (\d{3}) ", raw)]
+
+
+@dataclass(frozen=True)
+class Vector:
+    name: str
+    request: bytes
+    status: int
+    body: bytes | None = None  # None: the upstream must see nothing; else its one body
+
+
+H = b"Host: x\r\n"
+REFUSED = [
+    Vector("cl-and-te", b"POST /api/a HTTP/1.1\r\n" + H + b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    Vector("cl-and-te-smuggle", b"POST /api/a HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\nContent-Length: 40\r\n\r\n0\r\n\r\nGET /api/smuggled HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    Vector("cl-conflicting", b"POST /api/a HTTP/1.1\r\n" + H + b"Content-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", 400),
+    Vector("cl-repeated", b"POST /api/a HTTP/1.1\r\n" + H + b"Content-Length: 3\r\nContent-Length: 3\r\n\r\nabc", 400),
+    Vector("cl-signed", b"POST /api/a HTTP/1.1\r\n" + H + b"Content-Length: +3\r\n\r\nabc", 400),
+    Vector("cl-negative", b"POST /api/a HTTP/1.1\r\n" + H + b"Content-Length: -3\r\n\r\nabc", 400),
+    Vector("cl-hex", b"POST /api/a HTTP/1.1\r\n" + H + b"Content-Length: 0x3\r\n\r\nabc", 400),
+    Vector("cl-list", b"POST /api/a HTTP/1.1\r\n" + H + b"Content-Length: 3, 3\r\n\r\nabc", 400),
+    Vector("cl-inner-space", b"POST /api/a HTTP/1.1\r\n" + H + b"Content-Length: 1 2\r\n\r\nabc", 400),
+    Vector("te-final-gzip", b"POST /api/a HTTP/1.1\r\n" + H + b"Transfer-Encoding: gzip\r\n\r\nabc", 400),
+    Vector("te-chunked-then-gzip", b"POST /api/a HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked, gzip\r\n\r\nabc", 400),
+    Vector("te-identity", b"POST /api/a HTTP/1.1\r\n" + H + b"Transfer-Encoding: identity\r\n\r\nabc", 400),
+    Vector("te-chunked-twice", b"POST /api/a HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    Vector("te-gzip-chunked", b"POST /api/a HTTP/1.1\r\n" + H + b"Transfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", 501),
+    Vector("http10-with-te", b"POST /api/a HTTP/1.0\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", 400),
+    Vector("bare-lf", b"GET /api/a HTTP/1.1\n" + b"Host: x\n\n", 400),
+    Vector("bare-lf-in-headers", b"GET /api/a HTTP/1.1\r\nHost: x\nX-A: b\r\n\r\n", 400),
+    Vector("bare-cr", b"GET /api/a HTTP/1.1\r\nHost: x\rX-A: b\r\n\r\n", 400),
+    Vector("obs-fold", b"GET /api/a HTTP/1.1\r\n" + H + b"X-A: one\r\n two\r\n\r\n", 400),
+    Vector("nul-in-value", b"GET /api/a HTTP/1.1\r\n" + H + b"X-A: a\x00b\r\n\r\n", 400),
+    Vector("ctl-in-value", b"GET /api/a HTTP/1.1\r\n" + H + b"X-A: a\x01b\r\n\r\n", 400),
+    Vector("del-in-value", b"GET /api/a HTTP/1.1\r\n" + H + b"X-A: a\x7fb\r\n\r\n", 400),
+    Vector("space-before-colon", b"GET /api/a HTTP/1.1\r\n" + H + b"X-A : b\r\n\r\n", 400),
+    Vector("tab-before-colon", b"GET /api/a HTTP/1.1\r\n" + H + b"X-A\t: b\r\n\r\n", 400),
+    Vector("empty-field-name", b"GET /api/a HTTP/1.1\r\n" + H + b": b\r\n\r\n", 400),
+    Vector("underscore-rejected", b"GET /api/a HTTP/1.1\r\n" + H + b"X_Agent: b\r\n\r\n", 400),
+    Vector("http09", b"GET /api/a\r\n\r\n", 400),
+    Vector("http20", b"GET /api/a HTTP/2.0\r\n" + H + b"\r\n", 505),
+    Vector("http30", b"GET /api/a HTTP/3.0\r\n" + H + b"\r\n", 505),
+    Vector("fragment", b"GET /api/a#frag HTTP/1.1\r\n" + H + b"\r\n", 400),
+    Vector("absolute-form", b"GET http://127.0.0.1/api/a HTTP/1.1\r\n" + H + b"\r\n", 400),
+    Vector("asterisk-form", b"OPTIONS * HTTP/1.1\r\n" + H + b"\r\n", 400),
+    Vector("connect", b"CONNECT 127.0.0.1:443 HTTP/1.1\r\nHost: 127.0.0.1:443\r\n\r\n", 400),
+    Vector("no-host", b"GET /api/a HTTP/1.1\r\n\r\n", 400),
+    Vector("two-hosts", b"GET /api/a HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", 400),
+    Vector("websocket-upgrade", b"GET /api/a HTTP/1.1\r\n" + H + b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n", 501),
+    Vector("lowercase-method", b"get /api/a HTTP/1.1\r\n" + H + b"\r\n", 400),
+    Vector("space-in-target", b"GET /api/a b HTTP/1.1\r\n" + H + b"\r\n", 400),
+    Vector("lowercase-version", b"GET /api/a http/1.1\r\n" + H + b"\r\n", 400),
+    Vector("bad-chunk-size", b"POST /api/a HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", 400),
+    Vector("garbage", b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n", 400),
+]
+
+ACCEPTED = [
+    Vector("obs-text-value", b"GET /api/a HTTP/1.1\r\n" + H + b"X-A: \xe2\x82\xac \xff\r\nConnection: close\r\n\r\n", 200, b""),
+    Vector("timeout-ms-unicode-digit", b"GET /api/a HTTP/1.1\r\n" + H + b"X-Resilience-Timeout-Ms: \xc2\xb2\r\nConnection: close\r\n\r\n", 200, b""),
+    Vector("timeout-ms-5000-digits", b"GET /api/a HTTP/1.1\r\n" + H + b"X-Resilience-Timeout-Ms: " + b"9" * 5000 + b"\r\nConnection: close\r\n\r\n", 200, b""),
+    Vector("http12-served-as-11", b"GET /api/a HTTP/1.2\r\n" + H + b"Connection: close\r\n\r\n", 200, b""),
+    Vector("http10-without-host", b"GET /api/a HTTP/1.0\r\n\r\n", 200, b""),
+    Vector("cl-trailing-space", b"POST /api/a HTTP/1.1\r\n" + H + b"Content-Length: 3 \r\nConnection: close\r\n\r\nabc", 200, b"abc"),
+    Vector("chunked-uppercase", b"POST /api/a HTTP/1.1\r\n" + H + b"Transfer-Encoding: CHUNKED\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n", 200, b"abc"),
+    Vector("chunk-extension", b"POST /api/a HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n3;x=y\r\nabc\r\n0\r\n\r\n", 200, b"abc"),
+    Vector("chunked-trailer-dropped", b"POST /api/a HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\nX-Trailer: t\r\n\r\n", 200, b"abc"),
+    Vector("leading-empty-line", b"\r\nGET /api/a HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n", 200, b""),
+    Vector("h2c-offer-ignored", b"GET /api/a HTTP/1.1\r\n" + H + b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\nConnection: close\r\n\r\n", 200, b""),
+]
+
+
+@pytest.fixture
+async def proxy(proxy_factory, upstream):
+    return await proxy_factory(CONFIG, URL=upstream.url, EXTRA="")
+
+
+@pytest.mark.parametrize("vector", REFUSED, ids=lambda v: v.name)
+async def test_refused_before_any_upstream_byte(proxy, upstream, vector):
+    raw, closed = await exchange(proxy.port, vector.request)
+    assert statuses(raw) == [vector.status], raw[:300]
+    assert closed, "the connection stays open after a refused request"
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b'"error"' in body
+    assert b"x-request-id: " in head.lower()
+    assert upstream.requests == []
+    assert upstream.connections == 0
+
+
+@pytest.mark.parametrize("vector", ACCEPTED, ids=lambda v: v.name)
+async def test_accepted_reaches_the_upstream_once_with_the_same_body(proxy, upstream, vector):
+    raw, closed = await exchange(proxy.port, vector.request)
+    assert statuses(raw) == [vector.status], raw[:300]
+    assert closed  # every accepted vector asks to close (or is HTTP/1.0)
+    assert len(upstream.requests) == 1
+    seen = upstream.requests[0]
+    assert seen.body == vector.body
+    assert seen.header("X-Resilience-Timeout-Ms") is None
+    assert seen.header("Upgrade") is None and seen.header("X-Trailer") is None
+
+
+async def test_obs_text_is_forwarded_byte_for_byte(proxy, upstream):
+    request = b"GET /api/a HTTP/1.1\r\n" + H + b"X-A: \xe2\x82\xac \xff\x80\r\nConnection: close\r\n\r\n"
+    upstream.push(Reply(headers=[("X-B", "\xe2\x82\xac\xff")]))
+    raw, _ = await exchange(proxy.port, request)
+    assert statuses(raw) == [200]
+    assert upstream.requests[0].header("X-A").encode("latin-1") == b"\xe2\x82\xac \xff\x80"
+    assert b"\r\nX-B: \xe2\x82\xac\xff\r\n" in raw  # and back, untouched
+
+
+async def test_a_refused_request_after_a_good_one_is_answered_in_turn(proxy, upstream):
+    good = b"GET /api/first HTTP/1.1\r\n" + H + b"\r\n"
+    bad = b"POST /api/a HTTP/1.1\r\n" + H + b"Content-Length: 1\r\nContent-Length: 2\r\n\r\nab"
+    raw, closed = await exchange(proxy.port, good + bad)
+    assert statuses(raw) == [200, 400], (raw, closed)
+    assert closed
+    assert [r.target for r in upstream.requests] == ["/first"]
+
+
+@pytest.mark.parametrize(
+    ("policy", "forwarded"), [("drop", None), ("allow", "b")], ids=["drop", "allow"]
+)
+async def test_headers_with_underscores_policy(proxy_factory, upstream, policy, forwarded):
+    p = await proxy_factory(CONFIG, URL=upstream.url, EXTRA=f"headers_with_underscores: {policy}")
+    raw, _ = await exchange(
+        p.port, b"GET /api/a HTTP/1.1\r\n" + H + b"X_Agent: b\r\nConnection: close\r\n\r\n"
+    )
+    assert statuses(raw) == [200]
+    assert upstream.requests[-1].header("X_Agent") == forwarded
