@@ -38,6 +38,7 @@ callbacks below; the response state machine (none → interim* → head sent →
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Protocol, cast
@@ -52,6 +53,7 @@ from proxy.observe import log
 
 BODY_HIGH_WATER = 256 * 1024  # buffered request body bytes before reading pauses
 WRITE_HIGH_WATER = 64 * 1024  # transport write buffer before writers wait
+PEER_WATCH_INTERVAL = 0.5  # seconds between checks that a paused client is still there
 
 _BODILESS = frozenset((204, 304))
 _PAUSE_BODY = 1
@@ -418,6 +420,7 @@ class HttpConnection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._watch: asyncio.TimerHandle | None = None
         self._idle_since = 0.0
         self._limits = app.limits()
 
@@ -434,10 +437,10 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closing = True
         self._transport = None
-        for timer in (self._head_timer, self._idle_timer):
+        for timer in (self._head_timer, self._idle_timer, self._watch):
             if timer is not None:
                 timer.cancel()
-        self._head_timer = self._idle_timer = None
+        self._head_timer = self._idle_timer = self._watch = None
         for req in self._queue:
             if req.body is not None:
                 req.body.fail(ConnectionResetError("the client closed the connection"))
@@ -497,7 +500,21 @@ class HttpConnection(asyncio.Protocol):
     def _pause(self, reason: int) -> None:
         if not self._paused and self._transport is not None:
             self._transport.pause_reading()
+            if self._watch is None:
+                self._watch = self._loop.call_later(PEER_WATCH_INTERVAL, self._watch_peer)
         self._paused |= reason
+
+    def _watch_peer(self) -> None:
+        """While reading is paused the loop cannot see the client leave: peek at the socket
+        now and then, so that a client that went away still cancels its request."""
+        self._watch = None
+        transport = self._transport
+        if not self._paused or transport is None:
+            return
+        if _peer_gone(transport):
+            transport.abort()  # connection_lost follows: the request's task is cancelled
+            return
+        self._watch = self._loop.call_later(PEER_WATCH_INTERVAL, self._watch_peer)
 
     def _resume(self, reason: int) -> None:
         if self._paused & reason:
@@ -772,6 +789,23 @@ def error_head(status: int, reason: str, route: str, message: str) -> tuple[byte
     body = error_body(reason, route, message)
     lines = f"Content-Type: application/json\r\nVia: {VIA_VALUE}\r\n".encode()
     return lines, body
+
+
+_TCP_CLOSE_WAIT, _TCP_CLOSE = 8, 7  # linux/include/net/tcp_states.h
+
+
+def _peer_gone(transport: asyncio.Transport) -> bool:
+    """True when the client closed or reset the connection, seen in the socket's TCP state
+    (the FIN sits behind request bytes that `pause_reading` left unread). As on an EOF
+    while reading, a client that closed its side is taken as gone."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "TCP_INFO"):
+        return False
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    except OSError:
+        return True
+    return bool(info) and info[0] in (_TCP_CLOSE_WAIT, _TCP_CLOSE)
 
 
 class ProxyListener:
