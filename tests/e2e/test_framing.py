@@ -179,3 +179,21 @@ async def test_headers_with_underscores_policy(proxy_factory, upstream, policy, 
     )
     assert statuses(raw) == [200]
     assert upstream.requests[-1].header("X_Agent") == forwarded
+
+
+async def test_refusals_are_counted_with_an_empty_route(proxy, http):
+    labels = ('code="400"', 'outcome="rejected"', 'route=""')
+
+    async def count() -> float:
+        async with http.get(proxy.admin + "/metrics") as resp:
+            for line in (await resp.text()).splitlines():
+                if line.startswith("resilience_proxy_requests_total{") and all(
+                    label in line for label in labels
+                ):
+                    return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    before = await count()
+    await exchange(proxy.port, b"GET /api/a HTTP/1.1\nHost: x\n\n")
+    await exchange(proxy.port, b"\x00\x01garbage\r\n\r\n")
+    assert await count() == before + 2
