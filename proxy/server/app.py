@@ -292,6 +292,8 @@ class ProxyApp:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+        if self._server is not None:
+            self._server.abort_all()  # what is still connected now is cut
         await self.registry.close()
 
 

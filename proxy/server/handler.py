@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Callable
+from email.utils import formatdate
 from functools import partial
 from typing import Any
 
@@ -58,6 +59,24 @@ _STATIC_SET = _STALE_SET - {"age"}
 _BODY_FAILURES = (TimeoutError, ConnectionError, aiohttp.ClientError)
 
 
+class _DateLine:
+    """`Date: <IMF-fixdate>\\r\\n` (RFC 9110 §6.6.1), formatted once per second."""
+
+    __slots__ = ("clock", "line", "second")
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.second = -1
+        self.line = ""
+
+    def __call__(self) -> str:
+        second = int(self.clock.wall())
+        if second != self.second:
+            self.second = second
+            self.line = f"Date: {formatdate(second, usegmt=True)}\r\n"
+        return self.line
+
+
 class Activity:
     """In-flight requests and the time of the last one, for the shutdown's quiet period."""
 
@@ -93,6 +112,7 @@ class ProxyHandler:
         self.rng = rng
         self.metrics = metrics
         self.activity = activity
+        self.date = _DateLine(clock)
 
     # -- what the connection asks -------------------------------------------------------
     def limits(self) -> Limits:
@@ -105,7 +125,8 @@ class ProxyHandler:
         """A request the connection refused (bad framing, slow or large head)."""
         rid = client_request_id(req.headers.get("X-Request-Id")) or new_request_id(self.rng)
         observe_unrouted(self.metrics, req.method, error.status, "rejected", 0.0)
-        _send_error(req, rid, error.status, error.reason, "", error.message, None)
+        tail = f"X-Request-Id: {rid}\r\n{self.date()}"
+        _send_error(req, tail, error.status, error.reason, "", error.message, None)
         access = self._runtime().access
         if access is not None and access.wanted(error.status, "rejected", 0.0):
             access.emit(_access_fields(req, None, rid, error.status, "rejected", None, 0.0))
@@ -127,13 +148,15 @@ class ProxyHandler:
         incoming = req.headers
         client_id = client_request_id(incoming.get("X-Request-Id"))
         rid = client_id or new_request_id(self.rng)
+        ident = f"X-Request-Id: {rid}\r\n"  # on every answer (DESIGN §13)
         try:
             rt, path_qs = _admit(req, runtime)
         except ProxyError as exc:
             outcome = "no-route" if exc.status == 404 else "rejected"
             duration = clock.now() - start
             observe_unrouted(self.metrics, method, exc.status, outcome, duration)
-            _send_error(req, rid, exc.status, exc.reason, exc.route, exc.message, None)
+            tail = ident + self.date()
+            _send_error(req, tail, exc.status, exc.reason, exc.route, exc.message, None)
             access = runtime.access
             if access is not None and access.wanted(exc.status, outcome, duration):
                 access.emit(_access_fields(req, None, rid, exc.status, outcome, None, duration))
@@ -147,7 +170,8 @@ class ProxyHandler:
                 body = await _read_body(req, rt, runtime.config.limits)
             except ProxyError as exc:
                 record.code, record.outcome = exc.status, "rejected"
-                _send_error(req, rid, exc.status, exc.reason, rt.name, exc.message, None)
+                tail = ident + self.date()
+                _send_error(req, tail, exc.status, exc.reason, rt.name, exc.message, None)
                 return
             make_headers = partial(
                 build_upstream_headers,
@@ -174,24 +198,24 @@ class ProxyHandler:
             except ClientBodyTimeout:
                 record.code, record.outcome = 408, "rejected"
                 message = "the request body arrived too slowly"
-                _send_error(req, rid, 408, "client-timeout", rt.name, message, None)
+                _send_error(req, ident + self.date(), 408, "client-timeout", rt.name, message, None)
                 return
             except BodyTooLarge:
                 record.code, record.outcome = 413, "rejected"
                 limit = runtime.config.limits.max_request_body
                 message = f"the request body exceeds {limit} bytes"
-                _send_error(req, rid, 413, "body-too-large", rt.name, message, None)
+                _send_error(req, ident + self.date(), 413, "body-too-large", rt.name, message, None)
                 return
             except BadRequestBody:
                 record.code, record.outcome = 400, "rejected"
                 message = "the request body could not be parsed"
-                _send_error(req, rid, 400, "bad-request", rt.name, message, None)
+                _send_error(req, ident + self.date(), 400, "bad-request", rt.name, message, None)
                 return
             attempts = len(record.attempts)
             if result.response is not None:
-                await _stream(req, rt, result, record, attempts, rid)
+                await _stream(req, rt, result, record, attempts, ident, self.date)
             else:
-                _local(req, result, rt, record, attempts, rid)
+                _local(req, result, rt, record, attempts, ident, self.date)
         except asyncio.CancelledError:
             record.code, record.outcome = 499, "client-cancelled"
             raise
@@ -271,7 +295,8 @@ async def _stream(
     result: Result,
     record: RequestRecord,
     attempts: int,
-    rid: str,
+    ident: str,
+    date: Callable[[], str],
 ) -> None:
     upstream = result.response
     assert upstream is not None
@@ -282,11 +307,10 @@ async def _stream(
     lines, length = client_head_lines(
         up_headers.items(), up_headers.getall("Connection", []), rt.route, req
     )
+    if "Date" not in up_headers:
+        lines += date()  # a proxy appends the Date an upstream left out (RFC 9110 §6.6.1)
     head = b"".join(
-        (
-            encode_head(f"{lines}X-Resilience-Attempts: {attempts}\r\nX-Request-Id: {rid}\r\n"),
-            rt.head_suffix,
-        )
+        (encode_head(f"{lines}X-Resilience-Attempts: {attempts}\r\n{ident}"), rt.head_suffix)
     )
     writer = result.writer
     content = upstream.content
@@ -349,13 +373,21 @@ async def _stream(
 
 
 def _local(
-    req: Request, result: Result, rt: RouteRuntime, record: RequestRecord, attempts: int, rid: str
+    req: Request,
+    result: Result,
+    rt: RouteRuntime,
+    record: RequestRecord,
+    attempts: int,
+    ident: str,
+    date: Callable[[], str],
 ) -> None:
     """A fallback (stale or static) or the proxy's own error answer."""
     failure = result.failure
     reason = failure if failure in STATUS_FOR_FAILURE else "upstream-status"
     if result.stale is not None:
         hit = result.stale
+        # A stored answer keeps its own Date (its Age counts from it).
+        tail = ident if any(n.lower() == "date" for n, _ in hit.headers) else ident + date()
         status_value = cache_status_value(
             hit,
             forwarded=failure not in ("breaker-open", "bulkhead-full"),
@@ -364,19 +396,18 @@ def _local(
         lines = (
             f"{stored_head_lines(hit.headers, _STALE_SET)}Age: {hit.age}\r\n"
             f"X-Resilience-Fallback: stale\r\nX-Resilience-Reason: {reason}\r\n"
-            f"Cache-Status: {status_value}\r\nX-Resilience-Attempts: {attempts}\r\n"
-            f"X-Request-Id: {rid}\r\n"
+            f"Cache-Status: {status_value}\r\nX-Resilience-Attempts: {attempts}\r\n{tail}"
         )
         record.code, record.outcome = hit.status, "fallback-stale"
         req.send_whole(hit.status, "", encode_head(lines) + rt.head_suffix, hit.body)
         return
+    tail = ident + date()
     if result.static is not None:
         static = result.static
         lines = (
             f"{stored_head_lines(static.headers, _STATIC_SET)}X-Resilience-Fallback: static\r\n"
             f"X-Resilience-Reason: {reason}\r\nX-Resilience-Attempts: {attempts}\r\n"
-            "Cache-Status: resilience-proxy; fwd=uri-miss; detail=static-fallback\r\n"
-            f"X-Request-Id: {rid}\r\n"
+            f"Cache-Status: resilience-proxy; fwd=uri-miss; detail=static-fallback\r\n{tail}"
         )
         record.code, record.outcome = static.status, "fallback-static"
         req.send_whole(static.status, "", encode_head(lines) + rt.head_suffix, static.body)
@@ -388,12 +419,12 @@ def _local(
     if failure == "breaker-open" and result.retry_after is not None:
         extra = f"Retry-After: {max(1, math.ceil(result.retry_after))}\r\n"
     message = MESSAGES.get(failure, "upstream failure")
-    _send_error(req, rid, status, failure, rt.name, message, attempts, extra)
+    _send_error(req, tail, status, failure, rt.name, message, attempts, extra)
 
 
 def _send_error(
     req: Request,
-    rid: str,
+    tail: str,
     status: int,
     reason: str,
     route: str,
@@ -409,7 +440,7 @@ def _send_error(
         parts.append(f"X-Resilience-Attempts: {attempts}\r\n")
     if extra:
         parts.append(extra)
-    parts.append(f"X-Request-Id: {rid}\r\n")
+    parts.append(tail)  # X-Request-Id and Date
     if status in _CLOSING_STATUSES:
         req.close_after()
     req.send_whole(

@@ -53,6 +53,7 @@ from proxy.observe import log
 
 BODY_HIGH_WATER = 256 * 1024  # buffered request body bytes before reading pauses
 WRITE_HIGH_WATER = 64 * 1024  # transport write buffer before writers wait
+LINGER = 2.0  # seconds a closing connection keeps dropping what the client still sends
 PEER_WATCH_INTERVAL = 0.5  # seconds between checks that a paused client is still there
 
 _BODILESS = frozenset((204, 304))
@@ -289,7 +290,7 @@ class Request:
 
     def send_continue(self) -> None:
         """`100 Continue`, when the client asked for it and nothing was sent yet."""
-        if self.expect_continue and not self.head_sent and not self.complete:
+        if self.expect_continue and not self.head_sent and not self.complete and not self.http10:
             self.expect_continue = False
             self._conn._write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
@@ -421,6 +422,7 @@ class HttpConnection(asyncio.Protocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._watch: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None
         self._idle_since = 0.0
         self._limits = app.limits()
 
@@ -437,10 +439,10 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closing = True
         self._transport = None
-        for timer in (self._head_timer, self._idle_timer, self._watch):
+        for timer in (self._head_timer, self._idle_timer, self._watch, self._linger):
             if timer is not None:
                 timer.cancel()
-        self._head_timer = self._idle_timer = self._watch = None
+        self._head_timer = self._idle_timer = self._watch = self._linger = None
         for req in self._queue:
             if req.body is not None:
                 req.body.fail(ConnectionResetError("the client closed the connection"))
@@ -456,7 +458,7 @@ class HttpConnection(asyncio.Protocol):
         self._on_close(self)
 
     def eof_received(self) -> bool | None:
-        return None  # the client is gone: close (and cancel what it asked for)
+        return None  # the client is gone (or done lingering): close, cancel what it asked
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -488,10 +490,28 @@ class HttpConnection(asyncio.Protocol):
             self._transport.abort()
 
     def close(self) -> None:
-        """Close once what was written has been sent (graceful shutdown of an idle one)."""
+        """Close once what was written has been sent.
+
+        A lingering close, as nginx does: our side is shut first (the client reads the
+        answer, then EOF), and what the client still sends (the rest of an upload we
+        refused) is read and dropped for up to LINGER seconds, because closing a socket with
+        unread input resets the connection, and a reset can destroy the answer before the
+        client read it."""
+        transport = self._transport
+        if self.closing or transport is None:
+            self.closing = True
+            return
         self.closing = True
-        if self._transport is not None:
-            self._transport.close()
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self._paused = 0
+        transport.resume_reading()
+        self._linger = self._loop.call_later(LINGER, transport.close)
 
     @property
     def idle(self) -> bool:
@@ -833,5 +853,8 @@ class ProxyListener:
             if not self.connections or loop.time() >= end:
                 break
             await sleep(min(0.05, max(0.0, end - loop.time())))
+        self.abort_all()
+
+    def abort_all(self) -> None:
         for conn in list(self.connections):
             conn.abort()

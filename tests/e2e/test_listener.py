@@ -266,3 +266,40 @@ async def test_early_hints_go_to_http11_clients_only():
                 assert b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n" in raw
     finally:
         server.close()
+
+
+async def test_a_refused_upload_still_gets_its_answer(proxy_factory, upstream):
+    """413 while the client keeps sending: the answer must survive (a lingering close,
+    not a reset that would throw the answer away before the client read it)."""
+    p = await proxy_factory(CONFIG.replace("200MiB", "64KiB"), URL=upstream.url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
+
+    async def keep_sending() -> None:
+        with contextlib.suppress(ConnectionError):
+            for _ in range(200):
+                writer.write(b"b" * 65536)
+                await writer.drain()
+
+    # Chunked: the size is only known to be too large once 64 KiB have arrived.
+    writer.write(b"POST /api/u HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    writer.write(b"%x\r\n" % (20 * 1024 * 1024))
+    sender = asyncio.create_task(keep_sending())
+    try:
+        raw = await asyncio.wait_for(reader.read(-1), 10)
+    finally:
+        sender.cancel()
+        writer.close()
+    assert statuses(raw) == [413]
+    assert raw.endswith(b"}")  # the whole JSON body arrived
+    assert upstream.requests == []
+
+
+async def test_answers_carry_a_date(proxy_factory, upstream, http):
+    p = await proxy_factory(CONFIG, URL=upstream.url)
+    async with http.get(p.url + "/api/a") as resp:  # the upstream sent none: appended
+        assert resp.headers["Date"].endswith(" GMT")
+    upstream.push(Reply(headers={"Date": "Tue, 01 Dec 2026 10:00:00 GMT"}))
+    async with http.get(p.url + "/api/b") as resp:  # the upstream's own is kept, once
+        assert resp.headers.getall("Date") == ["Tue, 01 Dec 2026 10:00:00 GMT"]
+    async with http.get(p.url + "/nowhere") as resp:
+        assert resp.status == 404 and resp.headers["Date"].endswith(" GMT")
