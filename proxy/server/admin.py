@@ -98,7 +98,10 @@ def check_token(request: web.Request, token: str | None) -> web.Response | None:
         response = _refuse(401, "this endpoint needs Authorization: Bearer <admin token>")
         response.headers["WWW-Authenticate"] = 'Bearer realm="resilience-proxy"'
         return response
-    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+    # surrogateescape: a header with bytes that are not UTF-8 compares (unequal), never 500s
+    if not hmac.compare_digest(
+        given.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8", "surrogateescape")
+    ):
         return _refuse(403, "the admin token is wrong")
     return None
 

@@ -7,7 +7,7 @@ What one connection guarantees:
   list-valued Content-Length, bare LF, bare CR, obs-fold, control bytes in a value and
   whitespace before the colon. Checked here on top: the HTTP version (0.9 → 400, a major
   other than 1 → 505, 1.2+ served as 1.1), a `#fragment` or a target not in origin-form,
-  CONNECT, a missing (HTTP/1.1) or repeated Host, HTTP/1.0 with Transfer-Encoding, a
+  CONNECT, a missing or repeated Host, HTTP/1.0 with Transfer-Encoding, a
   final coding other than `chunked` (400) or another coding before it (501), `_` in a field
   name (`headers_with_underscores`). Such a request is answered with the proxy's JSON error
   and the connection closes; the handler never sees it, so no upstream sees a byte.
@@ -707,10 +707,9 @@ class HttpConnection(asyncio.Protocol):
         hosts = headers.getall("Host", ())
         if len(hosts) > 1:
             raise _Refused(ProxyError.bad_request("the request has more than one Host header"))
-        if hosts:
-            req.host = hosts[0]
-        elif req.version == "1.1":
+        if not hosts:
             raise _Refused(ProxyError.bad_request("the request has no Host header"))
+        req.host = hosts[0]
         codings = headers.getall("Transfer-Encoding", ())
         if codings:
             if req.version == "1.0":
