@@ -617,6 +617,13 @@ class HttpConnection(asyncio.Protocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
+        if self._paused and self._in_head and not self.closing:
+            # We stopped reading (an earlier request is still being answered): the rest of
+            # this head may be waiting in the socket. Its clock restarts when we read again.
+            self._head_timer = self._loop.call_later(
+                self._limits.client_header_timeout, self._head_timed_out
+            )
+            return
         if self._in_head and not self.closing:
             self._refuse(ProxyError(408, "client-timeout", "the request head arrived too slowly"))
 
