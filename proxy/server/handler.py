@@ -163,7 +163,6 @@ class ProxyHandler:
             return
 
         record = RequestRecord(method)
-        route = rt.route
         result: Result | None = None
         try:
             try:
@@ -183,9 +182,15 @@ class ProxyHandler:
             call = Call(method, path_qs, make_headers, incoming, body, record, None)
             if not req.http10:
                 call.on_interim = partial(_relay_interim, req)
-            retry = route.retry
-            if retry is not None and retry.idempotency_header is not None:
-                call.has_idempotency_key = retry.idempotency_header in incoming
+            if rt.failover:  # each target builds its own headers (Host, credentials)
+                call.for_target = partial(
+                    build_upstream_headers,
+                    incoming,
+                    client=req,
+                    generated_id=None if client_id is not None else rid,
+                )
+            if rt.idempotency_header is not None:
+                call.has_idempotency_key = rt.idempotency_header in incoming
             caller_ms = incoming.get("X-Resilience-Timeout-Ms")
             if caller_ms is not None:
                 # A positive integer of ASCII digits (DESIGN §6); anything else is ignored.
@@ -258,9 +263,8 @@ async def _read_body(req: Request, rt: RouteRuntime, limits: Limits) -> RequestB
     stream = req.body
     if stream is None:
         return EMPTY_BODY  # most requests: nothing to read, check or buffer
-    route = rt.route
-    replay = route.retry.max_body if route.retry is not None else 0
-    fallback = route.fallback
+    replay = rt.replay_body
+    fallback = rt.route.fallback
     method = req.method
     if fallback is not None and method not in ("GET", "HEAD") and method in fallback.methods:
         replay = max(replay, 64 * 1024)
@@ -304,13 +308,17 @@ async def _stream(
     record.code = status
     record.outcome = "upstream-status" if status >= 500 or status == 429 else "ok"
     up_headers = upstream.headers
+    target = record.target
     lines, length = client_head_lines(
-        up_headers.items(), up_headers.getall("Connection", []), rt.route, req
+        up_headers.items(), up_headers.getall("Connection", []), rt.target_routes[target], req
     )
     if "Date" not in up_headers:
         lines += date()  # a proxy appends the Date an upstream left out (RFC 9110 §6.6.1)
     head = b"".join(
-        (encode_head(f"{lines}X-Resilience-Attempts: {attempts}\r\n{ident}"), rt.head_suffix)
+        (
+            encode_head(f"{lines}X-Resilience-Attempts: {attempts}\r\n{ident}"),
+            rt.head_suffixes[target],
+        )
     )
     writer = result.writer
     content = upstream.content
@@ -334,7 +342,7 @@ async def _stream(
         return
     req.start(status, upstream.reason, head, length)
     idle = rt.route.timeout.idle
-    client = rt.state.client
+    client = rt.state.targets[target].client
     client.streaming += 1
     try:
         while True:
@@ -384,6 +392,8 @@ def _local(
     """A fallback (stale or static) or the proxy's own error answer."""
     failure = result.failure
     reason = failure if failure in STATUS_FOR_FAILURE else "upstream-status"
+    # Via, and on a failover route the target whose failure (or refusal) this stands for.
+    suffix = rt.head_suffixes[record.target]
     if result.stale is not None:
         hit = result.stale
         # A stored answer keeps its own Date (its Age counts from it).
@@ -399,7 +409,12 @@ def _local(
             f"Cache-Status: {status_value}\r\nX-Resilience-Attempts: {attempts}\r\n{tail}"
         )
         record.code, record.outcome = hit.status, "fallback-stale"
-        req.send_whole(hit.status, "", encode_head(lines) + rt.head_suffix, hit.body)
+        head_length = None
+        if req.method == "HEAD":  # a GET entry served as headers only keeps its length
+            head_length = next((v for n, v in hit.headers if n.lower() == "content-length"), None)
+        req.send_whole(
+            hit.status, "", encode_head(lines) + suffix, hit.body, head_length=head_length
+        )
         return
     tail = ident + date()
     if result.static is not None:
@@ -410,7 +425,7 @@ def _local(
             f"Cache-Status: resilience-proxy; fwd=uri-miss; detail=static-fallback\r\n{tail}"
         )
         record.code, record.outcome = static.status, "fallback-static"
-        req.send_whole(static.status, "", encode_head(lines) + rt.head_suffix, static.body)
+        req.send_whole(static.status, "", encode_head(lines) + suffix, static.body)
         return
     failure = failure or "reset"
     status = STATUS_FOR_FAILURE.get(failure, 502)
@@ -419,7 +434,7 @@ def _local(
     if failure == "breaker-open" and result.retry_after is not None:
         extra = f"Retry-After: {max(1, math.ceil(result.retry_after))}\r\n"
     message = MESSAGES.get(failure, "upstream failure")
-    _send_error(req, tail, status, failure, rt.name, message, attempts, extra)
+    _send_error(req, tail, status, failure, rt.name, message, attempts, extra, suffix)
 
 
 def _send_error(
@@ -431,6 +446,7 @@ def _send_error(
     message: str,
     attempts: int | None,
     extra: str | None = None,
+    suffix: bytes = _VIA_LINE,
 ) -> None:
     """The proxy's own JSON error answer (DESIGN §6)."""
     parts = [_JSON_LINE]
@@ -444,7 +460,7 @@ def _send_error(
     if status in _CLOSING_STATUSES:
         req.close_after()
     req.send_whole(
-        status, "", encode_head("".join(parts)) + _VIA_LINE, error_body(reason, route, message)
+        status, "", encode_head("".join(parts)) + suffix, error_body(reason, route, message)
     )
 
 
@@ -459,11 +475,12 @@ def _access_fields(
 ) -> dict[str, Any]:
     """One access-log line (DESIGN §13): never the query string or a header value."""
     attempts = record.attempts if record is not None else []
-    breaker = rt.state.breaker if rt is not None else None
+    target = record.target if record is not None else 0
+    breaker = rt.state.targets[target].breaker if rt is not None else None
     fallback = outcome[len("fallback-") :] if outcome.startswith("fallback-") else None
     return {
         "route": rt.name if rt is not None else "",
-        "upstream": rt.route.upstream.name if rt is not None else "",
+        "upstream": rt.target_names[target] if rt is not None else "",
         "method": req.method,
         "path": req.target.partition("?")[0],
         "status": status,
@@ -473,7 +490,7 @@ def _access_fields(
         "fallback": fallback,
         "breaker": breaker.state if breaker is not None else None,
         "duration_ms": round(duration * 1000, 3),
-        "upstream_ms": round(sum(d for _, d in attempts) * 1000, 3),
+        "upstream_ms": round(sum(a[1] for a in attempts) * 1000, 3),
         "bytes_in": req.body.received if req.body is not None else 0,
         "bytes_out": req.bytes_out,
         "request_id": rid,

@@ -323,16 +323,26 @@ class Request:
         return framing + b"\r\n"
 
     def send_whole(
-        self, status: int, reason: str, lines: bytes, body: bytes, *, bodiless: bool = False
+        self,
+        status: int,
+        reason: str,
+        lines: bytes,
+        body: bytes,
+        *,
+        bodiless: bool = False,
+        head_length: str | None = None,
     ) -> None:
         """The whole answer in one write. `lines` are the header lines (bytes, CRLF-ended)
-        without framing; `bodiless` (HEAD/204/304) sends no body, and `body` is ignored."""
+        without framing; `bodiless` sends no body and no length. To a HEAD the length
+        declared is `head_length` (what the GET would carry), else len(body)."""
         assert not self.head_sent
         self.head_sent = True
         self.done = True
         if bodiless or status in _BODILESS or self.method == "HEAD":
             # HEAD: the length a GET would get; 204 and 304: no body at all.
-            length = None if bodiless or status == 204 else str(len(body))
+            length = None
+            if not bodiless and status != 204:
+                length = head_length if head_length is not None else str(len(body))
             head = status_line(status, reason) + lines + self._framing(length, False)
             self._conn._write(head)
             self.bytes_out += len(head)

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from proxy.cache import EntryWriter, StaleHit
     from proxy.config.model import StaticFallback
     from proxy.resilience.classify import Attempt
+    from proxy.server.forwarding import HeaderPlan
     from proxy.upstream import UpstreamResponse
 
 
@@ -128,7 +129,9 @@ class Call:
         "_make_headers",
         "body",
         "deadline",
+        "for_target",
         "has_idempotency_key",
+        "hop",
         "method",
         "on_interim",
         "path_qs",
@@ -147,8 +150,8 @@ class Call:
         deadline: float | None,
     ) -> None:
         self.method = method
-        self.path_qs = path_qs  # the upstream path and query, raw
-        self._make_headers = make_headers
+        self.path_qs = path_qs  # the primary upstream's path and query, raw
+        self._make_headers = make_headers  # the primary upstream's request headers
         self._headers: CIMultiDict[str] | None = None
         self.request_headers = request_headers  # as the client sent them
         self.body = body
@@ -158,6 +161,18 @@ class Call:
         # Called with (status, headers) for each 1xx interim answer the upstream sends
         # (103 Early Hints); the handler relays them to HTTP/1.1 clients.
         self.on_interim: Callable[[int, list[tuple[str, str]]], None] | None = None
+        # Failover routes only: builds the request headers for another target from its
+        # `HeaderPlan`, so each target gets its own Host and injected credentials.
+        self.for_target: Callable[[HeaderPlan], CIMultiDict[str]] | None = None
+        # Set by the failover stage: (target index, reason) where the next attempt goes.
+        self.hop: tuple[int, str] | None = None
+
+    def headers_for(self, plan: HeaderPlan) -> CIMultiDict[str]:
+        """The request headers for a target other than the primary (built per attempt)."""
+        build = self.for_target
+        if build is None:
+            raise RuntimeError("a failover target needs Call.for_target")
+        return build(plan)
 
     @property
     def headers(self) -> CIMultiDict[str]:
@@ -175,6 +190,7 @@ class Result:
     __slots__ = (
         "attempt",
         "cleanups",
+        "failover",
         "failure",
         "response",
         "retry_after",
@@ -197,6 +213,9 @@ class Result:
         self.failure = failure  # connect-failure | reset | timeout | breaker-open | bulkhead-full
         self.retry_after = retry_after  # seconds, for a breaker-open 503
         self.total_timeout = total_timeout  # the failure is the total deadline, not per_try
+        # Set by the failover stage: the `failover.on` token when the next attempt may go
+        # to the next target at once (no backoff); the retry stage decides whether it does.
+        self.failover: str | None = None
         self.cleanups: list[Callable[[], None]] = []  # run once the response is finished
         self.stale: StaleHit | None = None
         self.static: StaticFallback | None = None
