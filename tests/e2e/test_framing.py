@@ -5,6 +5,7 @@ and what the upstream received — nothing, or exactly one request with the same
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 from dataclasses import dataclass
 
@@ -197,3 +198,49 @@ async def test_refusals_are_counted_with_an_empty_route(proxy, http):
     await exchange(proxy.port, b"GET /api/a HTTP/1.1\nHost: x\n\n")
     await exchange(proxy.port, b"\x00\x01garbage\r\n\r\n")
     assert await count() == before + 2
+
+
+SEEDS = [
+    b"GET /api/a?x=1 HTTP/1.1\r\nHost: x\r\nAccept: */*\r\nConnection: close\r\n\r\n",
+    b"POST /api/b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+    b"PUT /api/c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    b"5\r\nhello\r\n0\r\n\r\n",
+]
+ALPHABET = b" \t\r\n:;,_#?/\x00\x7f\x80\xff0123456789aAzZ-"
+
+
+def mutate(rng: random.Random, data: bytes) -> bytes:
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 3)):
+        at = rng.randrange(len(out))
+        op = rng.random()
+        if op < 0.4:
+            out[at] = rng.choice(ALPHABET)
+        elif op < 0.7:
+            out.insert(at, rng.choice(ALPHABET))
+        else:
+            del out[at]
+    return bytes(out)
+
+
+async def test_mutated_requests_never_get_a_5xx_or_smuggle(proxy_factory, upstream):
+    """A malformed request gets a 4xx (or 501/505 where DESIGN says so), never a 500; the
+    upstream never sees more requests than were answered as forwarded."""
+    p = await proxy_factory(
+        CONFIG, URL=upstream.url, EXTRA="limits: {client_header_timeout: 300ms, client_body_timeout: 300ms, client_idle_timeout: 300ms}"
+    )
+    rng = random.Random(20261203)
+    cases = [mutate(rng, rng.choice(SEEDS)) for _ in range(240)]
+    answered: list[int] = []
+    for batch in range(0, len(cases), 40):
+        results = await asyncio.gather(
+            *(exchange(p.port, case, wait=2.0) for case in cases[batch : batch + 40])
+        )
+        for case, (raw, _) in zip(cases[batch : batch + 40], results, strict=True):
+            codes = statuses(raw)
+            assert all(c < 500 or c in (501, 502, 505) for c in codes), (case, raw[:200])
+            answered.extend(codes)
+    forwarded = sum(1 for c in answered if c in (200, 502))
+    assert len(upstream.requests) <= forwarded
+    raw, _ = await exchange(p.port, SEEDS[0])  # and the listener is still fine
+    assert statuses(raw) == [200]
