@@ -30,9 +30,18 @@ What one connection guarantees:
   body. `Connection: close` from the client, an HTTP/1.0 client without keep-alive, a body
   left unread, or an error answer close the connection after the answer.
 
-The request state machine (idle → head → body → complete) is `_Parse` plus the parser
-callbacks below; the response state machine (none → interim* → head sent → done) is
-`Response`.
+State machines, each in one place:
+
+- a request, as it arrives (`HttpConnection`'s parser callbacks): idle → head
+  (`on_message_begin`; `_in_head`, the head timer runs if it spans reads) → checked and
+  queued (`on_headers_complete`) → body (`on_body` into its `BodyStream`) → complete
+  (`on_message_complete`); a refusal at any point (`_refuse`) queues an error answer and
+  stops parsing;
+- a connection's queue (`_enqueue`, `_start`, `_finished`): the first request is handled,
+  the rest wait; after each answer the connection closes, starts the next, or goes idle;
+- an answer (`Request`): nothing sent → interim heads (100, 103) → head sent (`start`) →
+  body (`write`) → done (`end`); or nothing sent → done in one write (`send_whole`);
+  `abort` cuts the connection from any state.
 """
 
 from __future__ import annotations
