@@ -244,3 +244,25 @@ async def test_mutated_requests_never_get_a_5xx_or_smuggle(proxy_factory, upstre
     assert len(upstream.requests) <= forwarded
     raw, _ = await exchange(p.port, SEEDS[0])  # and the listener is still fine
     assert statuses(raw) == [200]
+
+
+async def test_after_an_ignored_h2c_offer_the_connection_goes_on_as_http11(proxy, upstream):
+    offer = (
+        b"GET /api/one HTTP/1.1\r\n" + H + b"Connection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"
+    )
+    then = b"GET /api/two HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n"
+    raw, closed = await exchange(proxy.port, offer + then)
+    assert statuses(raw) == [200, 200] and closed
+    assert [r.target for r in upstream.requests] == ["/one", "/two"]
+    assert b"101" not in raw.split(b"\r\n", 1)[0]
+
+
+async def test_an_h2c_offer_with_a_body_is_refused_whole(proxy, upstream):
+    offer = (
+        b"POST /api/one HTTP/1.1\r\n" + H + b"Connection: Upgrade\r\nUpgrade: h2c\r\n"
+        b"Content-Length: 38\r\n\r\nGET /api/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    raw, closed = await exchange(proxy.port, offer)
+    assert statuses(raw) == [501] and closed
+    assert upstream.requests == []
