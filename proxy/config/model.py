@@ -82,6 +82,8 @@ class Upstream:
     request_id: bool = False  # send a generated X-Request-Id upstream
     tls: TlsSettings = TlsSettings()
     userinfo: tuple[str, str] | None = None  # from the URL; sent as Basic auth, never logged
+    # Injected headers omitted because a ${VAR} in them expanded to empty (names as written)
+    missing_headers: tuple[str, ...] = ()
 
     @property
     def injects_credentials(self) -> bool:

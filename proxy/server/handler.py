@@ -106,8 +106,11 @@ class ProxyHandler:
         rng: Rng,
         metrics: Metrics,
         activity: Activity,
+        on_unparsed: Callable[[int], None] | None = None,
     ) -> None:
         self._runtime = runtime
+        # Counts a request the connection refused (route "", outcome rejected, DESIGN §9).
+        self._on_unparsed = on_unparsed
         self.clock = clock
         self.rng = rng
         self.metrics = metrics
@@ -124,7 +127,10 @@ class ProxyHandler:
     def refuse(self, req: Request, error: ProxyError) -> None:
         """A request the connection refused (bad framing, slow or large head)."""
         rid = client_request_id(req.headers.get("X-Request-Id")) or new_request_id(self.rng)
-        observe_unrouted(self.metrics, req.method, error.status, "rejected", 0.0)
+        if self._on_unparsed is not None:
+            self._on_unparsed(error.status)
+        else:
+            observe_unrouted(self.metrics, "OTHER", error.status, "rejected", 0.0)
         tail = f"X-Request-Id: {rid}\r\n{self.date()}"
         _send_error(req, tail, error.status, error.reason, "", error.message, None)
         access = self._runtime().access
