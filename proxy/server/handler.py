@@ -24,6 +24,7 @@ from proxy.clock import Clock, Rng
 from proxy.config.model import Limits
 from proxy.errors import (
     MESSAGES,
+    RESILIENCE_REASONS,
     STATUS_FOR_FAILURE,
     BadRequestBody,
     BodyTooLarge,
@@ -456,7 +457,7 @@ def _send_error(
 ) -> None:
     """The proxy's own JSON error answer (DESIGN §6)."""
     parts = [_JSON_LINE]
-    if reason in STATUS_FOR_FAILURE:
+    if reason in RESILIENCE_REASONS:  # e.g. not no-route, bad-request
         parts.append(f"X-Resilience-Reason: {reason}\r\n")
     if attempts is not None:
         parts.append(f"X-Resilience-Attempts: {attempts}\r\n")
