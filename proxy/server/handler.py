@@ -207,21 +207,11 @@ class ProxyHandler:
                         call.deadline = start + ms / 1000.0
             try:
                 result = await rt.pipeline(call)
-            except ClientBodyTimeout:
-                record.code, record.outcome = 408, "rejected"
-                message = "the request body arrived too slowly"
-                _send_error(req, ident + self.date(), 408, "client-timeout", rt.name, message, None)
-                return
-            except BodyTooLarge:
-                record.code, record.outcome = 413, "rejected"
-                limit = runtime.config.limits.max_request_body
-                message = f"the request body exceeds {limit} bytes"
-                _send_error(req, ident + self.date(), 413, "body-too-large", rt.name, message, None)
-                return
-            except BadRequestBody:
-                record.code, record.outcome = 400, "rejected"
-                message = "the request body could not be parsed"
-                _send_error(req, ident + self.date(), 400, "bad-request", rt.name, message, None)
+            except _CLIENT_BODY_ERRORS as exc:  # while the body streamed upstream
+                error = _client_body_error(exc, runtime.config.limits)
+                record.code, record.outcome = error.status, "rejected"
+                tail = ident + self.date()
+                _send_error(req, tail, error.status, error.reason, rt.name, error.message, None)
                 return
             attempts = len(record.attempts)
             if result.response is not None:
@@ -283,12 +273,20 @@ async def _read_body(req: Request, rt: RouteRuntime, limits: Limits) -> RequestB
         return await prepare_body(
             stream, content_length=length, max_body=limits.max_request_body, replay_limit=replay
         )
-    except ClientBodyTimeout:
-        raise ProxyError(408, "client-timeout", "the request body arrived too slowly") from None
-    except BodyTooLarge:
-        raise ProxyError.body_too_large(limits.max_request_body) from None
-    except BadRequestBody:
-        raise ProxyError.bad_request("the request body could not be parsed") from None
+    except _CLIENT_BODY_ERRORS as exc:
+        raise _client_body_error(exc, limits) from None
+
+
+_CLIENT_BODY_ERRORS = (ClientBodyTimeout, BodyTooLarge, BadRequestBody)
+
+
+def _client_body_error(exc: Exception, limits: Limits) -> ProxyError:
+    """The answer to a request body the client got wrong: too slow, too large, malformed."""
+    if isinstance(exc, ClientBodyTimeout):
+        return ProxyError(408, "client-timeout", "the request body arrived too slowly")
+    if isinstance(exc, BodyTooLarge):
+        return ProxyError.body_too_large(limits.max_request_body)
+    return ProxyError.bad_request("the request body could not be parsed")
 
 
 def _relay_interim(req: Request, status: int, headers: list[tuple[str, str]]) -> None:

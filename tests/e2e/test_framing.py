@@ -266,3 +266,18 @@ async def test_an_h2c_offer_with_a_body_is_refused_whole(proxy, upstream):
     raw, closed = await exchange(proxy.port, offer)
     assert statuses(raw) == [501] and closed
     assert upstream.requests == []
+
+
+async def test_a_bad_chunk_after_the_head_was_accepted_is_a_400(proxy, upstream):
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(b"POST /api/a HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.1)  # the head is handed on and its body awaited
+        writer.write(b"zz\r\nabc\r\n0\r\n\r\n")
+        raw = await asyncio.wait_for(reader.read(-1), 5)
+    finally:
+        writer.close()
+    assert statuses(raw) == [400]
+    assert b'"bad-request"' in raw
+    assert upstream.requests == []
