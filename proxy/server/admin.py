@@ -31,6 +31,7 @@ from proxy.observe.metrics import Metrics
 from proxy.pgprobe import ProberSet
 from proxy.resilience.bulkhead import Bulkhead
 from proxy.server.runtime import Registry, Runtime
+from proxy.state import StateBackend
 
 
 class AdminContext(Protocol):
@@ -45,6 +46,7 @@ class AdminContext(Protocol):
     runtime: Runtime
     draining: bool
     started_at: float
+    state: StateBackend  # the fleet state backend (DESIGN §15)
 
     @property
     def config(self) -> Config: ...
@@ -154,6 +156,12 @@ async def readyz(request: web.Request) -> web.Response:
         status = "fail"
     elif pg_status == "warn" and status == "pass":
         status = "warn"
+    state = app.state
+    if not state.available:  # limits still hold locally: degraded, never failing
+        output = f"{state.name} state backend unavailable: shared limits enforced locally"
+        checks["state"] = [{"status": "warn", "output": output}]
+        if status == "pass":
+            status = "warn"
     body = {
         "status": status,
         "version": __version__,
@@ -246,6 +254,7 @@ def status_document(app: AdminContext) -> dict[str, Any]:
         "upstreams": upstreams,
         "cache": {k: v for k, v in store_stats.items() if k != "per_route"},
         "postgres": app.probers.snapshots(),
+        "state": app.state.snapshot(),
     }
 
 
