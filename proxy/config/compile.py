@@ -458,9 +458,9 @@ class _Compiler:
             headers=self.injected_headers(path, spec),
             missing_headers=self.missing_headers(path),
             forwarded_headers=_or(spec.forwarded_headers, default.forwarded_headers),
+            request_id=_or(spec.request_id, default.request_id),
             connect_timeout=_or(spec.connect_timeout, default.connect_timeout),
             max_connections=_or(spec.max_connections, default.max_connections),
-            request_id=_or(spec.request_id, default.request_id),
             tls=tls,
             userinfo=userinfo,
         )
@@ -833,9 +833,9 @@ def _upstream_tree(upstream: Upstream) -> dict[str, Any]:
         "url": upstream.url,
         "headers": {name: REDACTED for name, _ in upstream.headers},
         "forwarded_headers": upstream.forwarded_headers,
+        "request_id": upstream.request_id,
         "connect_timeout": upstream.connect_timeout,
         "max_connections": upstream.max_connections,
-        "request_id": upstream.request_id,
         "tls": {"verify": upstream.tls.verify, "ca_file": upstream.tls.ca_file},
     }
     if upstream.userinfo is not None:

@@ -78,9 +78,9 @@ class Upstream:
     base_path: str  # "" or "/base" without trailing slash
     headers: tuple[tuple[str, str], ...] = ()  # injected; omitted when a ${VAR} was empty
     forwarded_headers: bool = False
+    request_id: bool = False  # send a generated X-Request-Id upstream
     connect_timeout: float = 2.0
     max_connections: int = 100
-    request_id: bool = False  # send a generated X-Request-Id upstream
     tls: TlsSettings = TlsSettings()
     userinfo: tuple[str, str] | None = None  # from the URL; sent as Basic auth, never logged
     # Injected headers omitted because a ${VAR} in them expanded to empty (names as written)

@@ -588,11 +588,11 @@ class UpstreamSpec(Spec):
     """Injected on every request; omitted when a ${VAR} in it is empty."""
     forwarded_headers: bool | None = None
     """Send X-Forwarded-For/-Proto/-Host to this upstream (default false)."""
+    request_id: bool | None = None
+    """Send a generated X-Request-Id to this upstream (default false: third parties)."""
     connect_timeout: PositiveDuration | None = None
     """A new TCP+TLS connection (default 2s)."""
     max_connections: int | None = Field(None, ge=1)
-    request_id: bool | None = None
-    """Send a generated X-Request-Id to this upstream (default false: third parties)."""
     tls: TlsSpec | None = None
 
 
