@@ -461,6 +461,7 @@ class _Compiler:
             request_id=_or(spec.request_id, default.request_id),
             connect_timeout=_or(spec.connect_timeout, default.connect_timeout),
             max_connections=_or(spec.max_connections, default.max_connections),
+            idle_timeout=_or(spec.idle_timeout, default.idle_timeout),
             tls=tls,
             userinfo=userinfo,
         )
@@ -836,6 +837,7 @@ def _upstream_tree(upstream: Upstream) -> dict[str, Any]:
         "request_id": upstream.request_id,
         "connect_timeout": upstream.connect_timeout,
         "max_connections": upstream.max_connections,
+        "idle_timeout": upstream.idle_timeout,
         "tls": {"verify": upstream.tls.verify, "ca_file": upstream.tls.ca_file},
     }
     if upstream.userinfo is not None:

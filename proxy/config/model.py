@@ -81,6 +81,7 @@ class Upstream:
     request_id: bool = False  # send a generated X-Request-Id upstream
     connect_timeout: float = 2.0
     max_connections: int = 100
+    idle_timeout: float = 4.0  # seconds a pooled connection may stay idle before it is closed
     tls: TlsSettings = TlsSettings()
     userinfo: tuple[str, str] | None = None  # from the URL; sent as Basic auth, never logged
     # Injected headers omitted because a ${VAR} in them expanded to empty (names as written)

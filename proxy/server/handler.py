@@ -17,8 +17,6 @@ from email.utils import formatdate
 from functools import partial
 from typing import Any
 
-import aiohttp
-
 from proxy.cache import cache_status_value
 from proxy.clock import Clock, Rng
 from proxy.config.model import Limits
@@ -45,6 +43,7 @@ from proxy.server.forwarding import (
 from proxy.server.protocol import Request, encode_head
 from proxy.server.runtime import RouteRuntime, Runtime
 from proxy.stages.call import EMPTY_BODY, Call, RequestBody, Result, prepare_body
+from proxy.upstream import UpstreamBodyError
 
 _NO_BODY_STATUSES = frozenset((204, 304))
 _CLOSING_STATUSES = frozenset((400, 408, 413, 431, 501, 505))
@@ -55,9 +54,8 @@ _STALE_SET = frozenset(
     ("age", "x-resilience-fallback", "x-resilience-reason", "cache-status", "x-resilience-attempts")
 )
 _STATIC_SET = _STALE_SET - {"age"}
-# What may fail while relaying an upstream body: the new client raises ConnectionError
-# subclasses, aiohttp's (until it is gone) its ClientError.
-_BODY_FAILURES = (TimeoutError, ConnectionError, aiohttp.ClientError)
+# What may fail while relaying an upstream body: the idle timeout, or the body breaking off.
+_BODY_FAILURES = (TimeoutError, UpstreamBodyError)
 
 
 class _DateLine:
