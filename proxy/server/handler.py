@@ -54,6 +54,10 @@ _STALE_SET = frozenset(
     ("age", "x-resilience-fallback", "x-resilience-reason", "cache-status", "x-resilience-attempts")
 )
 _STATIC_SET = _STALE_SET - {"age"}
+# Refusals that say when to come back (Retry-After on the proxy's own answer).
+_RETRY_AFTER = frozenset(("breaker-open", "quota", "rate-limited"))
+# Refusals that sent nothing upstream (Cache-Status says `hit`, not `fwd=stale`).
+_NOT_FORWARDED = frozenset(("breaker-open", "bulkhead-full", "quota", "rate-limited"))
 # What may fail while relaying an upstream body: the idle timeout, or the body breaking off.
 _BODY_FAILURES = (TimeoutError, UpstreamBodyError)
 
@@ -403,7 +407,7 @@ def _local(
         tail = ident if any(n.lower() == "date" for n, _ in hit.headers) else ident + date()
         status_value = cache_status_value(
             hit,
-            forwarded=failure not in ("breaker-open", "bulkhead-full"),
+            forwarded=failure not in _NOT_FORWARDED,
             fwd_status=result.attempt.status if result.attempt is not None else None,
         )
         lines = (
@@ -434,7 +438,7 @@ def _local(
     status = STATUS_FOR_FAILURE.get(failure, 502)
     record.code, record.outcome = status, failure
     extra = None
-    if failure == "breaker-open" and result.retry_after is not None:
+    if failure in _RETRY_AFTER and result.retry_after is not None:
         extra = f"Retry-After: {max(1, math.ceil(result.retry_after))}\r\n"
     message = MESSAGES.get(failure, "upstream failure")
     _send_error(req, tail, status, failure, rt.name, message, attempts, extra, suffix)
