@@ -101,10 +101,9 @@ def check_token(request: web.Request, token: str | None) -> web.Response | None:
         response = _refuse(401, "this endpoint needs Authorization: Bearer <admin token>")
         response.headers["WWW-Authenticate"] = 'Bearer realm="resilience-proxy"'
         return response
-    # surrogateescape: a header with bytes that are not UTF-8 compares (unequal), never 500s
-    if not hmac.compare_digest(
-        given.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8", "surrogateescape")
-    ):
+    # Raw bytes in the header arrive as surrogate escapes: compare bytes, never raise.
+    offered = given.strip().encode("utf-8", "surrogateescape")
+    if not hmac.compare_digest(offered, token.encode("utf-8", "surrogateescape")):
         return _refuse(403, "the admin token is wrong")
     return None
 
