@@ -17,11 +17,20 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 
 from pydantic import ValidationError
 
-from proxy.config.compile import check_references, compile_config
-from proxy.config.loader import ConfigInvalid, Problem, expand_env, parse_yaml
+from proxy.config.compile import check_raw, check_references, compile_config
+from proxy.config.loader import (
+    MAX_FILE_BYTES,
+    ConfigInvalid,
+    Problem,
+    combined_digest,
+    expand_env,
+    file_digest,
+    parse_yaml,
+)
 from proxy.config.model import Config
 from proxy.config.schema import ConfigSpec, json_schema, validation_problems
 
@@ -32,6 +41,7 @@ __all__ = [
     "load_config_text",
     "json_schema",
     "default_config_path",
+    "watch_digest",
     "Config",
 ]
 
@@ -53,9 +63,12 @@ def load_config(path: str, env: Mapping[str, str] | None = None) -> Config:
     """
     try:
         with open(path, "rb") as handle:
-            data = handle.read()
+            data = handle.read(MAX_FILE_BYTES + 1)  # bounded: `--config /dev/zero` too
     except OSError as exc:
         raise ConfigInvalid([Problem(path, None, "", f"cannot read: {exc.strerror}")]) from None
+    if len(data) > MAX_FILE_BYTES:
+        message = f"larger than {MAX_FILE_BYTES // 1024} KiB: not a config file"
+        raise ConfigInvalid([Problem(path, None, "", message)])
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -66,24 +79,60 @@ def load_config(path: str, env: Mapping[str, str] | None = None) -> Config:
 
 
 def load_config_text(
-    text: str, source: str = "<text>", env: Mapping[str, str] | None = None
+    text: str,
+    source: str = "<text>",
+    env: Mapping[str, str] | None = None,
+    *,
+    require_routes: bool = True,
 ) -> Config:
-    """Like `load_config`, for YAML text; relative paths start at the working directory."""
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    return _load(text, source, os.getcwd(), env, digest)
+    """Like `load_config`, for YAML text; relative paths start at the working directory.
+
+    `require_routes=False` accepts a config without routes (a fragment, e.g. to check one
+    section on its own); a file to serve always needs one.
+    """
+    digest = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+    return _load(text, source, os.getcwd(), env, digest, require_routes)
+
+
+def watch_digest(config_path: str, files: tuple[str, ...]) -> str | None:
+    """What a loaded config's `hash` becomes if the file at `config_path` and the `files`
+    it reads are loaded now: a watcher compares it with the running config's. None when
+    the config file cannot be read."""
+    digest = file_digest(config_path, MAX_FILE_BYTES)
+    if digest is None:
+        return None
+    return combined_digest(digest, {path: file_digest(path) for path in files})
 
 
 def _load(
-    text: str, source: str, base_dir: str, env: Mapping[str, str] | None, digest: str
+    text: str,
+    source: str,
+    base_dir: str,
+    env: Mapping[str, str] | None,
+    digest: str,
+    require_routes: bool = True,
 ) -> Config:
     env = os.environ if env is None else env
+    try:
+        return _validate(text, source, base_dir, env, digest, require_routes)
+    except RecursionError:  # backstops: the caps in the loader should stop both first
+        message = "nested too deeply to validate"
+    except MemoryError:
+        message = "too large to validate"
+    raise ConfigInvalid([Problem(source, None, "", message)])
+
+
+def _validate(
+    text: str, source: str, base_dir: str, env: Mapping[str, str], digest: str, require_routes: bool
+) -> Config:
     doc = parse_yaml(text, source)
-    expand_env(doc, env)
+    expand_env(doc, env, base_dir)
     if doc.data is None:
-        doc.data = {}  # an empty file: every default, no routes
+        doc.data = {}  # an empty file (or `~`): reported below as having no routes
     if not isinstance(doc.data, dict):
         doc.problem((), "the top level must be a mapping (version, listen, upstreams, routes, ...)")
         raise ConfigInvalid(doc.problems)
+    check_raw(doc, require_routes=require_routes)
     check_references(doc)
     try:
         spec = ConfigSpec.model_validate(doc.data)
@@ -95,4 +144,9 @@ def _load(
     config = compile_config(spec, doc, base_dir=base_dir, env=env, digest=digest)
     if config is None:
         raise ConfigInvalid(doc.problems)
-    return config
+    return replace(
+        config,
+        hash=combined_digest(digest, dict(doc.files)),
+        watched_files=tuple(sorted(doc.files)),
+        warnings=tuple(sorted(doc.warnings, key=lambda p: (p.line or 0, p.path, p.message))),
+    )
