@@ -27,11 +27,11 @@ import yaml
 
 Path = tuple[str | int, ...]
 
-MAX_FILE_BYTES = 1024 * 1024  # the config file itself
+MAX_FILE_BYTES = 256 * 1024  # the config file itself (the shipped one is ~10 KiB)
 MAX_SCALAR_CHARS = 64 * 1024  # one value, as written or after expanding ${...}
 MAX_DEPTH = 64  # nesting of mappings and lists, aliases followed
 MAX_ALIASES = 1000  # `*name` references in the file
-MAX_NODES = 100_000  # values in the tree once every alias is copied out
+MAX_NODES = 50_000  # values in the tree, counted once every alias is copied out
 MAX_SECRET_FILE_BYTES = 64 * 1024  # a ${file:PATH} or admin.token_file
 
 # `${NAME}`, `${NAME:-default}` or `${file:PATH}`; the default and PATH may not contain `}`.
@@ -109,6 +109,7 @@ class Document:
     # An alias site → the path where its anchored node was first built: lines under an
     # alias are those of the anchor's own text.
     aliases: dict[Path, Path] = field(default_factory=dict)
+    expanded: set[Path] = field(default_factory=set)  # held a ${...}, expanded or default
     file_vars: set[Path] = field(default_factory=set)  # took text from a ${file:PATH}
     file_secrets: set[str] = field(default_factory=set)  # the values read by ${file:PATH}
     files: dict[str, str] = field(default_factory=dict)  # files read → sha256 of their bytes
@@ -211,6 +212,7 @@ class _BoundedLoader(yaml.SafeLoader):
         super().__init__(stream)
         self._depth = 0
         self._aliases = 0
+        self._nodes = 0
 
     def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         if self.check_event(yaml.AliasEvent):
@@ -220,7 +222,11 @@ class _BoundedLoader(yaml.SafeLoader):
                 raise _TooBig(mark, f"more than {MAX_ALIASES} YAML aliases (*name)")
             return super().compose_node(parent, index)
         self._depth += 1
+        self._nodes += 1
         try:
+            if self._nodes > MAX_NODES:
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                raise _TooBig(mark, f"more than {MAX_NODES} values")
             if self._depth > MAX_DEPTH:
                 mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
                 raise _TooBig(mark, f"nested more than {MAX_DEPTH} levels deep")
@@ -491,6 +497,7 @@ def _expand_scalar(doc: Document, text: str, path: Path, env: Mapping[str, str],
         )
         return text
     result = ENV_REFERENCE.sub(substitute, text)
+    doc.expanded.add(path)
     for name in missing:
         doc.problem(
             path,

@@ -24,6 +24,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 
 from proxy import __version__
 from proxy.errors import error_body
+from proxy.observe import log
 
 if TYPE_CHECKING:
     from proxy.server.app import ProxyApp
@@ -75,9 +76,55 @@ def check_token(request: web.Request, token: str | None) -> web.Response | None:
         response = _refuse(401, "this endpoint needs Authorization: Bearer <admin token>")
         response.headers["WWW-Authenticate"] = 'Bearer realm="resilience-proxy"'
         return response
-    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+    # Raw bytes in the header arrive as surrogate escapes: compare bytes, never raise.
+    offered = given.strip().encode("utf-8", "surrogateescape")
+    if not hmac.compare_digest(offered, token.encode("utf-8", "surrogateescape")):
         return _refuse(403, "the admin token is wrong")
     return None
+
+
+# Reasons of the admin listener's own errors, by status (the JSON body of DESIGN §6).
+ERROR_REASONS = {
+    400: "bad-request",
+    404: "not-found",
+    405: "method-not-allowed",
+    413: "body-too-large",
+    500: "internal-error",
+}
+
+
+def _error(status: int, reason: str, message: str, route: str = "") -> web.Response:
+    return web.Response(
+        status=status, body=error_body(reason, route, message), content_type="application/json"
+    )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every admin error is the proxy's JSON error body, never aiohttp's plain text."""
+    try:
+        response: web.StreamResponse = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        reason = ERROR_REASONS.get(exc.status, "bad-request" if exc.status < 500 else "error")
+        message = {
+            404: "no such admin endpoint",
+            405: f"use {exc.headers.get('Allow', '')} on {request.path}",
+        }.get(exc.status, exc.reason.lower())
+        error = _error(exc.status, reason, message)
+        if "Allow" in exc.headers:
+            error.headers["Allow"] = exc.headers["Allow"]
+        return error
+    except Exception as exc:  # noqa: BLE001 -- answer 500 as JSON and keep serving
+        log.error("admin_error", path=request.path, error=type(exc).__name__)
+        return _error(500, "internal-error", "the admin request failed; see the proxy log")
+    return response
+
+
+async def _drop_server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """No version banner (aiohttp adds `Server: Python/3.x aiohttp/x`)."""
+    response.headers.popall("Server", None)
 
 
 @web.middleware
@@ -120,12 +167,13 @@ async def readyz(request: web.Request) -> web.Response:
     if app.draining:
         status = "fail"
         checks["shutdown"] = [{"status": "fail", "output": "draining: shutting down"}]
-    pg_status, notes = app.probers.readiness()
-    if notes:
-        checks["postgres"] = [{"status": pg_status, "output": n} for n in notes]
-    if pg_status == "fail":
+    pg_checks = app.probers.readiness_checks()
+    if pg_checks:  # each check its own status: a critical target that is ignored is `warn`
+        checks["postgres"] = [{"status": st, "output": note} for st, note in pg_checks]
+    pg_statuses = {st for st, _ in pg_checks}
+    if "fail" in pg_statuses:
         status = "fail"
-    elif pg_status == "warn" and status == "pass":
+    elif pg_statuses and status == "pass":
         status = "warn"
     body = {
         "status": status,
@@ -226,7 +274,8 @@ async def breaker_action(request: web.Request) -> web.Response:
     route_name = request.match_info["route"]
     action = request.match_info["action"]
     if action not in BREAKER_ACTIONS:
-        return _json({"error": {"reason": "bad-request", "message": "unknown action"}}, 404)
+        actions = ", ".join(BREAKER_ACTIONS)
+        return _error(404, "not-found", f"unknown breaker action; use {actions}", route_name)
     found = [(key, b) for key, b in app.registry.breakers.items() if key[0] == route_name]
     if not found:
         message = "no route with a circuit breaker has this name"
@@ -256,7 +305,10 @@ async def clear_cache(request: web.Request) -> web.Response:
 
 
 def build_admin_app(app: ProxyApp) -> web.Application:
-    admin = web.Application(middlewares=[auth_middleware], client_max_size=64 * 1024)
+    admin = web.Application(
+        middlewares=[error_middleware, auth_middleware], client_max_size=64 * 1024
+    )
+    admin.on_response_prepare.append(_drop_server_header)
     admin[APP_KEY] = app
     admin.router.add_get("/metrics", metrics)
     admin.router.add_get("/healthz", healthz)

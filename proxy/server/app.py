@@ -10,7 +10,6 @@ then stops listening, lets in-flight requests finish, saves state and closes poo
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import signal
 from typing import Any
@@ -20,7 +19,7 @@ from aiohttp import web
 from proxy import __version__
 from proxy.cache import FallbackStore
 from proxy.clock import SYSTEM_CLOCK, Clock, Rng, system_rng
-from proxy.config import ConfigInvalid, load_config
+from proxy.config import ConfigInvalid, load_config, watch_digest
 from proxy.config.model import Config
 from proxy.observe import log
 from proxy.observe.events import BreakerTransitioned, ConfigReloaded, EventBus
@@ -155,17 +154,23 @@ class ProxyApp:
 
     # -- reload ----------------------------------------------------------------------------
     async def reload(self, trigger: str) -> tuple[str, list[str]]:
-        """Load, validate and swap in the config file; returns (result, problem lines)."""
+        """Load, validate and swap in the config file; returns (result, problem lines).
+
+        The file is read, parsed and compiled in a worker thread (the loader's caps bound
+        that work), so the event loop keeps serving meanwhile; only the swap runs on the
+        loop. Never raises: any failure is a rejected, counted and logged reload, and the
+        running config keeps serving.
+        """
         if self.config_path is None:
             return "unchanged", []
         async with self._reload_lock:
             try:
-                config = load_config(self.config_path)
+                config = await asyncio.to_thread(load_config, self.config_path)
             except ConfigInvalid as exc:
-                problems = [str(p) for p in exc.problems]
-                self._last_failed_hash = _file_hash(self.config_path)
-                self.bus.emit(ConfigReloaded("error", trigger, problems=tuple(problems)))
-                return "error", problems
+                return self._reload_failed(trigger, [str(p) for p in exc.problems])
+            except Exception as exc:  # noqa: BLE001 -- a loader bug must not kill the proxy
+                problem = f"{self.config_path}: cannot load: {type(exc).__name__}"
+                return self._reload_failed(trigger, [problem])
             self._last_failed_hash = None
             current = self.runtime.config
             if config.hash == current.hash:
@@ -179,32 +184,53 @@ class ProxyApp:
                 notes.append("listen changed: takes effect after a restart")
             if config.admin.host != current.admin.host or config.admin.port != current.admin.port:
                 notes.append("admin.listen changed: takes effect after a restart")
+            try:
+                runtime = compile_runtime(
+                    config, self.registry, self.metrics, self.clock, self.rng, self.bus
+                )
+            except Exception as exc:  # noqa: BLE001 -- the running config keeps serving
+                problem = f"{self.config_path}: cannot apply: {type(exc).__name__}"
+                return self._reload_failed(trigger, [problem])
             self.store.update_settings(config.cache)
             kept = {route.name for route in config.routes}
             for route in current.routes:
                 if route.name not in kept:
                     self.store.clear(route.name)  # a removed route's state is dropped
-            self.runtime = compile_runtime(
-                config, self.registry, self.metrics, self.clock, self.rng, self.bus
-            )
+            self.runtime = runtime
             log.set_secrets(config.secrets | current.secrets)
             await self.probers.apply(config.postgres)
             self.bus.emit(ConfigReloaded("ok", trigger, config.hash))
+            for warning in config.warnings:
+                log.warning("config_warning", problem=str(warning))
             for note in notes:
                 log.warning("config_reload_partial", note=note)
             return "ok", notes
 
+    def _reload_failed(self, trigger: str, problems: list[str]) -> tuple[str, list[str]]:
+        self._last_failed_hash = self._watch_digest()
+        self.bus.emit(ConfigReloaded("error", trigger, problems=tuple(problems)))
+        return "error", problems
+
+    def _watch_digest(self) -> str | None:
+        """The digest the config would have if loaded now (its file and the files it reads)."""
+        assert self.config_path is not None
+        return watch_digest(self.config_path, self.runtime.config.watched_files)
+
     async def _watch_config(self) -> None:
-        """Poll the file's content hash: catches edits and ConfigMap symlink swaps alike."""
+        """Poll the content of the file and of the files it reads (`${file:PATH}`, the token
+        file): catches edits, ConfigMap and Secret symlink swaps alike. Survives anything."""
         assert self.config_path is not None
         while True:
             await self.clock.sleep(self.watch_interval)
-            digest = _file_hash(self.config_path)
-            if digest is None or digest == self.runtime.config.hash:
-                continue
-            if digest == self._last_failed_hash:
-                continue  # already rejected and logged; wait for the next edit
-            await self.reload("file-change")
+            try:
+                digest = await asyncio.to_thread(self._watch_digest)
+                if digest is None or digest == self.runtime.config.hash:
+                    continue
+                if digest == self._last_failed_hash:
+                    continue  # already rejected and logged; wait for the next edit
+                await self.reload("file-change")
+            except Exception as exc:  # noqa: BLE001 -- the watcher must keep polling
+                log.error("config_watch_failed", error=type(exc).__name__)
 
     # -- breaker persistence ------------------------------------------------------------
     def _on_event(self, event: object) -> None:
@@ -296,11 +322,3 @@ class ProxyApp:
             self._listener.close()
             self._listener = None
         await self.registry.close()
-
-
-def _file_hash(path: str) -> str | None:
-    try:
-        with open(path, "rb") as fh:
-            return hashlib.sha256(fh.read()).hexdigest()
-    except OSError:
-        return None
