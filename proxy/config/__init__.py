@@ -21,7 +21,7 @@ from dataclasses import replace
 
 from pydantic import ValidationError
 
-from proxy.config.compile import check_raw, check_references, compile_config
+from proxy.config.compile import check_raw, check_references, compile_config, warn_unreachable
 from proxy.config.loader import (
     MAX_FILE_BYTES,
     ConfigInvalid,
@@ -144,6 +144,7 @@ def _validate(
     config = compile_config(spec, doc, base_dir=base_dir, env=env, digest=digest)
     if config is None:
         raise ConfigInvalid(doc.problems)
+    warn_unreachable(doc, config.routes)
     return replace(
         config,
         hash=combined_digest(digest, dict(doc.files)),

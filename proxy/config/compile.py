@@ -351,15 +351,14 @@ class _Compiler:
         for name, policy in policies.items():
             # Checked on their own too, so a policy no route uses is still validated.
             self.stages(policy, _Origin(self.doc, (("policies", name),)))
-        routes: list[Route] = []
+        routes = []
         for index, route_spec in enumerate(spec.routes or []):
             self.route_policies.append(route_spec.policy)
             route = self.route(index, route_spec, upstreams, policies)
             if route is not None:
-                self.unreachable(index, route, routes)
                 routes.append(route)
         allow_remote = _or(spec.allow_remote_clients, False)
-        shutdown = spec.shutdown or ShutdownSpec()  # non-loopback with credentials: check_raw
+        shutdown = spec.shutdown or ShutdownSpec()
         config = Config(
             listen_host=host,
             listen_port=port,
@@ -385,27 +384,6 @@ class _Compiler:
         credentials = frozenset(s for s in self.credentials if s)
         redacted = _Redactor(self.doc, self.route_policies, credentials).tree(tree)
         return replace(config, redacted=redacted, secrets=secrets)
-
-    def unreachable(self, index: int, route: Route, earlier: Sequence[Route]) -> None:
-        """Warn about a route no request can reach: a dot-segment in its prefix (such
-        requests get 400), or an earlier route that matches everything it would."""
-        prefix = route.match.path_prefix
-        if any(_is_dot_segment(segment) for segment in prefix.split("/")):
-            self.doc.warn(
-                ("routes", index, "match", "path_prefix"),
-                "contains a dot-segment (. or ..): requests with one are refused with 400, "
-                "so this route never matches",
-            )
-            return
-        for position, first in enumerate(earlier):
-            if _covers(first.match, route.match):
-                self.doc.warn(
-                    ("routes", index),
-                    f"never matches: routes[{position}] ({first.name}) comes first and "
-                    "matches every request this route would (first match wins); move this "
-                    "route above it or narrow its match",
-                )
-                return
 
     def admin(self, spec: ConfigSpec) -> AdminSettings:
         admin = spec.admin or AdminSpec()
@@ -779,6 +757,28 @@ class _Compiler:
                 f"got {self.shown(where, f'{target.critical_utilization:.0%}')}",
             )
         return target
+
+
+def warn_unreachable(doc: Document, routes: Sequence[Route]) -> None:
+    """Warn about each route no request can reach: a dot-segment in its prefix (such
+    requests get 400), or an earlier route that matches everything it would."""
+    for index, route in enumerate(routes):
+        if any(_is_dot_segment(segment) for segment in route.match.path_prefix.split("/")):
+            doc.warn(
+                ("routes", index, "match", "path_prefix"),
+                "contains a dot-segment (. or ..): requests with one are refused with 400, "
+                "so this route never matches",
+            )
+            continue
+        for position, first in enumerate(routes[:index]):
+            if _covers(first.match, route.match):
+                doc.warn(
+                    ("routes", index),
+                    f"never matches: routes[{position}] ({first.name}) comes first and "
+                    "matches every request this route would (first match wins); move this "
+                    "route above it or narrow its match",
+                )
+                break
 
 
 def _is_dot_segment(segment: str) -> bool:
