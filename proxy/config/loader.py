@@ -38,7 +38,7 @@ MAX_SECRET_FILE_BYTES = 64 * 1024  # a ${file:PATH} or admin.token_file
 ENV_REFERENCE = re.compile(r"\$\{(?:file:([^}]+)|([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?)\}")
 _CONTROL = ("\r", "\n", "\0")
 # Values that are knobs, not credentials: kept out of `Config.secrets`, so that scrubbing
-# logs for secrets never blanks every "3" or "60s" (they are still redacted in /config).
+# logs for secrets never blanks every "3" or "60s" (and /config shows them as they are).
 _KNOB = re.compile(
     r"\s*(true|false|yes|no|on|off|[0-9]+(\.[0-9]+)?\s*(ms|s|m|h|%|[kmg]i?b|b)?)\s*",
     re.IGNORECASE,
@@ -178,8 +178,11 @@ class Document:
 
 
 def file_digest(path: str, limit: int = MAX_SECRET_FILE_BYTES) -> str | None:
-    """sha256 of the first `limit` + 1 bytes of `path` (enough to tell a change), or None."""
+    """sha256 of the first `limit` + 1 bytes of `path` (enough to tell a change), or None
+    when it is missing or not a regular file (a FIFO would block the reader forever)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
         with open(path, "rb") as handle:
             return hashlib.sha256(handle.read(limit + 1)).hexdigest()
     except OSError:
