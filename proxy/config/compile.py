@@ -32,6 +32,7 @@ from proxy.config.model import (
     BulkheadPolicy,
     CacheSettings,
     Config,
+    FailoverPolicy,
     FailureRatePolicy,
     FallbackPolicy,
     Limits,
@@ -51,6 +52,7 @@ from proxy.config.model import (
     status_token_members,
 )
 from proxy.config.schema import (
+    CONDITIONS_FAILOVER,
     CONDITIONS_FALLBACK,
     CONDITIONS_RETRY,
     STAGE_KEYS,
@@ -62,6 +64,7 @@ from proxy.config.schema import (
     BulkheadSpec,
     CacheSpec,
     ConfigSpec,
+    FailoverSpec,
     FailureRateSpec,
     FallbackSpec,
     MatchSpec,
@@ -217,6 +220,7 @@ def check_references(doc: Document) -> None:
             if references:
                 _check_reference(doc, (section, index, "upstream"), item, "upstream", upstreams)
                 _check_reference(doc, (section, index, "policy"), item, "policy", policies)
+                _check_failover_targets(doc, index, item, upstreams)
 
 
 def _mapping(value: Any) -> dict[str, Any]:
@@ -231,6 +235,38 @@ def _check_reference(
         names = ", ".join(sorted(defined)) or "none"
         kind = "upstream" if key == "upstream" else "policy"
         doc.problem(path, f"unknown {kind} {quote(name)} (defined: {names})")
+
+
+def _check_failover_targets(
+    doc: Document, index: int, route: dict[str, Any], defined: dict[str, Any]
+) -> None:
+    """`routes[i].failover.upstreams`: defined, each once, and not the primary again."""
+    failover = route.get("failover")
+    targets = failover.get("upstreams") if isinstance(failover, dict) else None
+    if not isinstance(targets, list):
+        return
+    primary = route.get("upstream")
+    first: dict[str, int] = {}
+    for position, name in enumerate(targets):
+        if not isinstance(name, str):
+            continue
+        path: Path = ("routes", index, "failover", "upstreams", position)
+        if name == primary:
+            doc.problem(
+                path,
+                f"{quote(name)} is the route's upstream (the primary, tried first); "
+                "list only the alternatives",
+            )
+        elif name in first:
+            doc.problem(
+                path,
+                f"{quote(name)} is listed twice "
+                f"(first at failover.upstreams[{first[name]}]): each target is tried once",
+            )
+        elif name not in defined:
+            names = ", ".join(sorted(defined)) or "none"
+            doc.problem(path, f"unknown upstream {quote(name)} (defined: {names})")
+        first.setdefault(name, position)
 
 
 def compile_config(
@@ -533,6 +569,7 @@ class _Compiler:
                 **{key: merge(getattr(policy, key), getattr(spec, key)) for key in STAGE_KEYS},
             )
         timeout, retry, breaker, bulkhead, fallback = self.stages(merged, _Origin(self.doc, bases))
+        failover = self.failover(spec.failover, upstreams) if spec.failover is not None else None
         match = spec.match or MatchSpec()
         return Route(
             name=spec.name,
@@ -548,7 +585,19 @@ class _Compiler:
             breaker=breaker,
             bulkhead=bulkhead,
             fallback=fallback,
+            failover=failover,
         )
+
+    def failover(self, spec: FailoverSpec, upstreams: Mapping[str, Upstream]) -> FailoverPolicy:
+        """The targets after the primary (unknown names were reported by check_references)."""
+        default = FailoverPolicy(())
+        targets = tuple(dict.fromkeys(n for n in spec.upstreams if n in upstreams))
+        conditions, statuses = default.conditions, default.statuses
+        if spec.on is not None:
+            tokens = tuple(dict.fromkeys(spec.on))
+            conditions = frozenset(t for t in tokens if t in CONDITIONS_FAILOVER)
+            statuses = _status_set(tuple(t for t in tokens if t not in CONDITIONS_FAILOVER))
+        return FailoverPolicy(tuple(upstreams[n] for n in targets), conditions, statuses)
 
     def stages(
         self, spec: PolicySpec, origin: _Origin
@@ -930,6 +979,12 @@ def _route_tree(route: Route, policy: str | None) -> dict[str, Any]:
             "mode": breaker.mode,
         },
         "bulkhead": asdict(route.bulkhead) if route.bulkhead else None,
+        "failover": None
+        if route.failover is None
+        else {
+            "upstreams": [up.name for up in route.failover.upstreams],
+            "on": list(route.failover.tokens),
+        },
         "fallback": None
         if fallback is None
         else {

@@ -40,6 +40,7 @@ DESIGN_METRICS: dict[str, str] = {
     "bulkhead_queued": "gauge",
     "bulkhead_rejected_total": "counter",
     "fallbacks_total": "counter",
+    "failovers_total": "counter",
     "cache_entries": "gauge",
     "cache_bytes": "gauge",
     "cache_evictions_total": "counter",
