@@ -83,6 +83,8 @@ class Upstream:
     max_connections: int = 100
     tls: TlsSettings = TlsSettings()
     userinfo: tuple[str, str] | None = None  # from the URL; sent as Basic auth, never logged
+    # Injected headers omitted because a ${VAR} in them expanded to empty (names as written)
+    missing_headers: tuple[str, ...] = ()
 
     @property
     def injects_credentials(self) -> bool:

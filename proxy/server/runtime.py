@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from proxy.cache import FallbackStore
 from proxy.clock import Clock, Rng
 from proxy.config.model import Config, RetryPolicy, Route, Upstream
+from proxy.observe.causes import FailureLog
 from proxy.observe.events import EventBus
-from proxy.observe.metrics import Metrics, RouteMetrics
+from proxy.observe.metrics import BreakerView, Metrics, RouteMetrics
 from proxy.resilience.breaker import Breaker
 from proxy.resilience.budget import RetryBudget
 from proxy.resilience.bulkhead import Bulkhead
@@ -98,6 +99,7 @@ class Registry:
         self.budgets: dict[str, RetryBudget] = {}
         self.serving: dict[str, Serving] = {}
         self.clients: dict[str, UpstreamClient] = {}
+        self.failures = FailureLog(clock)
         self._retired: list[UpstreamClient] = []
         self._closers: set[asyncio.Task[None]] = set()
 
@@ -143,7 +145,7 @@ class Registry:
                 budget = self.budgets[route.name] = RetryBudget(route.retry.budget, self.clock)
             else:
                 budget.update_policy(route.retry.budget)
-        return RouteState(targets, budget, self.store, serving)
+        return RouteState(targets, budget, self.store, serving, self.failures)
 
     def prune(self, config: Config) -> None:
         """Drop the state of routes, targets and upstreams the new config no longer has."""
@@ -158,6 +160,8 @@ class Registry:
         routes = {r.name for r in config.routes}
         for name in [n for n in self.serving if n not in routes]:
             del self.serving[name]
+        for name in {k[0] for k in self.failures.latest} - {r.name for r in config.routes}:
+            self.failures.forget_route(name)
         for name in [n for n in self.clients if n not in config.upstreams]:
             self._retire(self.clients.pop(name))
 
@@ -179,9 +183,10 @@ class Registry:
             await client.close()
         self.clients.clear()
 
-    def iter_breakers(self) -> Iterator[tuple[str, str, str]]:
+    def iter_breakers(self) -> Iterator[BreakerView]:
         for (route, upstream), breaker in self.breakers.items():
-            yield route, upstream, breaker.state
+            state = breaker.reported_state()
+            yield BreakerView(route, upstream, state.value, breaker.opened_at_wall())
 
     def iter_bulkheads(self) -> Iterator[tuple[str, str, int, int]]:
         for (route, upstream), bulkhead in self.bulkheads.items():
