@@ -326,3 +326,45 @@ def test_a_changed_file_changes_the_config_hash(tmp_path: Path) -> None:
     first = load_config(str(path), env={}).hash
     (tmp_path / "tok").write_text("two-token\n")
     assert load_config(str(path), env={}).hash != first
+
+
+def test_rules_between_keys_are_reported_with_invalid_values(problems_of: Problems) -> None:
+    # Today the cross-key rules (compile time) only show once every value is valid.
+    text = """\
+upstreams:
+  api: {url: "https://api.example.com"}
+  private: {url: "https://p.example.com", tls: {ca_file: /nonexistent/ca.pem}}
+routes:
+  - name: a
+    upstream: api
+    retry: {max_attempts: 0}
+  - name: b
+    upstream: api
+    breaker: {open_for: 10m, open_for_max: 1m}
+cache: {max_bytes: 1MiB, max_entry_bytes: 2MiB}
+"""
+    assert problems_of(text) == [
+        "config/proxy.yaml:3: upstreams.private.tls.ca_file: no readable file at '/nonexistent/ca.pem'",
+        "config/proxy.yaml:7: routes[0].retry.max_attempts: must be >= 1, got 0",
+        "config/proxy.yaml:10: routes[1].breaker.open_for_max: must be >= open_for (10m), got 1m",
+        "config/proxy.yaml:11: cache.max_entry_bytes: must be <= cache.max_bytes (1MiB), got 2MiB",
+    ]
+
+
+def test_a_rule_next_to_an_invalid_value_is_not_guessed_from_a_default(problems_of: Problems) -> None:
+    # open_for is invalid: comparing open_for_max with the default 60s would mislead.
+    text = VALID + "    breaker: {open_for: soon, open_for_max: 30s}\n"
+    lines = problems_of(text)
+    assert len(lines) == 1 and lines[0].startswith("config/proxy.yaml:8: routes[0].breaker.open_for:")
+    # The same through a policy the route merges: nothing guessed for the route either.
+    text = """\
+upstreams:
+  api: {url: "https://api.example.com"}
+policies:
+  p:
+    breaker: {open_for: soon}
+routes:
+  - {name: a, upstream: api, policy: p, breaker: {open_for_max: 30s}}
+"""
+    lines = problems_of(text)
+    assert len(lines) == 1 and lines[0].startswith("config/proxy.yaml:5: policies.p.breaker.open_for:")
