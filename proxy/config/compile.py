@@ -44,6 +44,7 @@ from proxy.config.model import (
     RouteMatch,
     ShutdownPolicy,
     SlowCallPolicy,
+    StateSettings,
     StaticFallback,
     StatusSet,
     TimeoutPolicy,
@@ -79,6 +80,7 @@ from proxy.config.schema import (
     RouteSpec,
     ShutdownSpec,
     Spec,
+    StateSpec,
     StaticSpec,
     TimeoutSpec,
     UpstreamSpec,
@@ -406,6 +408,7 @@ class _Compiler:
                 drain_timeout=_or(shutdown.drain_timeout, ShutdownPolicy().drain_timeout),
             ),
             state_file=self.state_file(spec.state_file),
+            state=self.state(spec.state),
             upstreams=upstreams,
             routes=tuple(routes),
             cache=self.cache(spec),
@@ -453,6 +456,21 @@ class _Compiler:
             client_header_timeout=_or(limits.client_header_timeout, default.client_header_timeout),
             client_body_timeout=_or(limits.client_body_timeout, default.client_body_timeout),
             client_idle_timeout=_or(limits.client_idle_timeout, default.client_idle_timeout),
+        )
+
+    def state(self, spec: StateSpec | None) -> StateSettings:
+        """The fleet state backend; its URL's password joins the secrets."""
+        default, given = StateSettings(), spec or StateSpec()
+        backend = _or(given.backend, default.backend)
+        if backend == "redis" and not given.url:
+            self.problem(("state", "url"), "required with backend: redis")
+        if given.url:
+            self.secrets.update(display_dsn(given.url)[1])  # user:password@ and ?password=
+        return StateSettings(
+            backend=backend,
+            url=given.url or None,
+            key_prefix=_or(given.key_prefix, default.key_prefix).strip(),
+            timeout=_or(given.timeout, default.timeout),
         )
 
     def state_file(self, value: str | bool | None) -> str | None:
@@ -724,6 +742,7 @@ class _Compiler:
             half_open_calls=_or(spec.half_open_calls, default.half_open_calls),
             half_open_max_wait=_or(spec.half_open_max_wait, default.half_open_max_wait),
             mode=_or(spec.mode, default.mode),
+            share=_or(spec.share, default.share),
         )
 
     def bulkhead(self, spec: BulkheadSpec) -> BulkheadPolicy:
@@ -922,6 +941,12 @@ def effective_tree(config: Config, policies: Sequence[str | None] = ()) -> dict[
         "limits": asdict(config.limits),
         "shutdown": asdict(config.shutdown),
         "state_file": config.state_file,
+        "state": {
+            "backend": config.state.backend,
+            "url": display_dsn(config.state.url)[0] if config.state.url else None,
+            "key_prefix": config.state.key_prefix,
+            "timeout": config.state.timeout,
+        },
         "upstreams": {name: _upstream_tree(up) for name, up in config.upstreams.items()},
         "routes": [
             _route_tree(route, policies[i] if i < len(policies) else None)
@@ -983,6 +1008,7 @@ def _route_tree(route: Route, policy: str | None) -> dict[str, Any]:
             "half_open_calls": breaker.half_open_calls,
             "half_open_max_wait": breaker.half_open_max_wait,
             "mode": breaker.mode,
+            "share": breaker.share,
         },
         "bulkhead": asdict(route.bulkhead) if route.bulkhead else None,
         "failover": None

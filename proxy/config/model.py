@@ -17,6 +17,7 @@ from proxy.config.loader import Problem
 Jitter = Literal["full", "equal", "none"]
 BreakerMode = Literal["enforce", "observe", "disabled"]
 Readiness = Literal["ignore", "fail_on_critical"]
+StateBackendKind = Literal["local", "redis"]
 
 # Outcome conditions that are not HTTP statuses, spelled as in the YAML and metric labels.
 CONNECT_FAILURE = "connect-failure"
@@ -170,6 +171,7 @@ class BreakerPolicy:
     half_open_calls: int = 3
     half_open_max_wait: float = 30.0
     mode: BreakerMode = "enforce"
+    share: bool = False  # publish trips to, and take trips from, the fleet (DESIGN §15)
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +283,17 @@ class CacheSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class StateSettings:
+    """`state` (DESIGN §15): where shared rate limits, quota snapshots and shared breaker
+    trips live."""
+
+    backend: StateBackendKind = "local"
+    url: str | None = None  # redis://...; may hold a password: never log it
+    key_prefix: str = "resilience-proxy"
+    timeout: float = 0.05  # seconds: bounds every Redis call, its connect included
+
+
+@dataclass(frozen=True, slots=True)
 class PostgresTarget:
     name: str
     dsn: str  # may hold a password: never log it; use `display_dsn`
@@ -309,6 +322,7 @@ class Config:
     limits: Limits = Limits()
     shutdown: ShutdownPolicy = ShutdownPolicy()
     state_file: str | None = None  # resolved path; None: persistence off
+    state: StateSettings = StateSettings()
     upstreams: Mapping[str, Upstream] = field(default_factory=dict)
     routes: tuple[Route, ...] = ()
     cache: CacheSettings = CacheSettings()

@@ -25,6 +25,7 @@ from proxy.server.forwarding import HeaderPlan
 from proxy.stages.call import Stage
 from proxy.stages.failover import Serving
 from proxy.stages.pipeline import RouteState, TargetState, build_pipeline, target_route
+from proxy.state import LocalBackend, StateBackend
 from proxy.upstream import UpstreamClient
 
 # Request bodies up to this are buffered on a failover route without a retry block, so a
@@ -100,6 +101,9 @@ class Registry:
         self.serving: dict[str, Serving] = {}
         self.clients: dict[str, UpstreamClient] = {}
         self.failures = FailureLog(clock)
+        # The fleet state backend (DESIGN §15); the app sets the configured one and swaps it
+        # on a reload that changes `state`, before the new runtime is compiled.
+        self.state: StateBackend = LocalBackend(clock)
         self._retired: list[UpstreamClient] = []
         self._closers: set[asyncio.Task[None]] = set()
 
