@@ -98,6 +98,7 @@ _MIN_SCRUB_LENGTH = 4
 
 T = TypeVar("T")
 _URL_PASSWORD = re.compile(r"(//[^/@:\s]*):[^/@\s]*@")  # scheme://user:PASSWORD@host
+_USERINFO = re.compile(r"//[^/@\s]*@")  # scheme://USERINFO@host
 _TRUE_WORDS = frozenset(("true", "yes", "on", "1", "t", "y"))  # what pydantic reads as true
 
 
@@ -1066,8 +1067,9 @@ class _Redactor:
     """Shows the effective config as loaded, values from `${VAR}` included (an operator
     confirms what a setting became), but hides credentials: `effective_tree` has already
     replaced injected header values, userinfo, DSN passwords and the token; here any value
-    taken from a `${file:PATH}` (a mounted Secret), any URL userinfo, and, as a backstop,
-    any string that contains a credential are replaced too."""
+    taken from a `${file:PATH}` (a mounted Secret), a URL or DSN with userinfo taken from
+    `${VAR}` (whole), any other URL password, and, as a backstop, any string that contains
+    a credential are replaced too."""
 
     def __init__(
         self, doc: Document, route_policies: list[str | None], credentials: frozenset[str]
@@ -1087,6 +1089,8 @@ class _Redactor:
         source = self.source(path)
         if any(p[: len(source)] == source for p in self.doc.file_vars):
             return REDACTED
+        if isinstance(value, str) and _USERINFO.search(value) and self.doc.from_env(source):
+            return REDACTED  # a DSN or URL with credentials from ${VAR}: hidden whole
         if isinstance(value, list):
             return [self.leaf(item) for item in value]
         return self.leaf(value)

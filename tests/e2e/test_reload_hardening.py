@@ -94,6 +94,17 @@ async def test_healthz_answers_within_100ms_while_a_slow_file_is_parsed(
     p = await start(proxy_factory, upstream, tmp_path)
     # Just under the caps: about a second of pure-Python YAML parsing, then refused.
     p.config_path.write_text("x: [" + ", ".join(["1"] * 60_000) + "]\n")
+    # A blocked loop is slow on every try; a machine busy with other work, once at most.
+    for _ in range(3):
+        latencies, result, problems = await reload_polling_healthz(p, http)
+        if max(latencies) < 0.1:
+            break
+    assert max(latencies) < 0.1, sorted(latencies)[-3:]
+    assert len(latencies) >= 5  # the parse took a while: the loop kept answering meanwhile
+    assert result == "error" and problems == [f"{p.config_path}:1: more than 50000 values"]
+
+
+async def reload_polling_healthz(p, http):
     reload = asyncio.ensure_future(p.app.reload("admin"))
     latencies = []
     while not reload.done():
@@ -103,9 +114,7 @@ async def test_healthz_answers_within_100ms_while_a_slow_file_is_parsed(
         latencies.append(time.perf_counter() - began)
         await asyncio.sleep(0.01)
     result, problems = await reload
-    assert max(latencies) < 0.1, sorted(latencies)[-3:]
-    assert len(latencies) >= 5  # the parse took a while: the loop kept answering meanwhile
-    assert result == "error" and problems == [f"{p.config_path}:1: more than 50000 values"]
+    return latencies, result, problems
 
 
 async def test_watcher_survives_a_nul_byte_file_and_picks_up_the_next_edit(

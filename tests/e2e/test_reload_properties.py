@@ -48,20 +48,32 @@ async def scenario(text: str) -> None:
                 await upstream.close()
 
 
-async def check_reload(proxy, http: aiohttp.ClientSession, text: str) -> None:  # type: ignore[no-untyped-def]
-    proxy.config_path.write_bytes(text.encode("utf-8", "surrogatepass"))
+async def reload_watching_healthz(proxy, http: aiohttp.ClientSession) -> tuple[str, list[str], float]:  # type: ignore[no-untyped-def]
+    """Reload while polling /healthz; (result, problems, slowest /healthz answer)."""
     reload = asyncio.ensure_future(proxy.app.reload("file-change"))
-    latencies = []
+    slowest = 0.0
     while True:
         began = time.perf_counter()
         async with http.get(proxy.admin + "/healthz") as resp:
             assert resp.status == 200
-        latencies.append(time.perf_counter() - began)
+        slowest = max(slowest, time.perf_counter() - began)
         if reload.done():
             break
         await asyncio.sleep(0.005)
     result, problems = reload.result()
-    assert max(latencies) < 0.1, sorted(latencies)[-3:]
+    return result, problems, slowest
+
+
+async def check_reload(proxy, http: aiohttp.ClientSession, text: str) -> None:  # type: ignore[no-untyped-def]
+    proxy.config_path.write_bytes(text.encode("utf-8", "surrogatepass"))
+    result, problems, slowest = await reload_watching_healthz(proxy, http)
+    # A blocked loop is slow on every try; a machine busy with other work, once: the same
+    # reload is tried again (then `unchanged` or the same error) before concluding.
+    for _ in range(2):
+        if slowest < 0.1:
+            break
+        _, _, slowest = await reload_watching_healthz(proxy, http)
+    assert slowest < 0.1, slowest
     assert result in ("ok", "unchanged", "error"), result
     if result == "error":
         assert problems and all(line.startswith(str(proxy.config_path)) for line in problems)
