@@ -33,6 +33,7 @@ STATUS_FOR_FAILURE = {
     "breaker-open": 503,
     "bulkhead-full": 503,
     "timeout": 504,
+    "upstream-status": 502,  # an answer the proxy cannot relay (an unasked-for 101)
 }
 
 MESSAGES = {
@@ -41,6 +42,7 @@ MESSAGES = {
     "breaker-open": "the circuit breaker for this upstream is open",
     "bulkhead-full": "too many concurrent requests to this upstream",
     "timeout": "the upstream did not answer in time",
+    "upstream-status": "the upstream sent a response the proxy cannot relay",
 }
 
 
