@@ -35,6 +35,8 @@ from proxy.config.model import (
     FallbackPolicy,
     Limits,
     PostgresTarget,
+    QuotaPolicy,
+    RateLimitPolicy,
     RetryAfterPolicy,
     RetryOn,
     RetryPolicy,
@@ -42,6 +44,7 @@ from proxy.config.model import (
     RouteMatch,
     ShutdownPolicy,
     SlowCallPolicy,
+    StateSettings,
     StaticFallback,
     StatusSet,
     TimeoutPolicy,
@@ -70,11 +73,14 @@ from proxy.config.schema import (
     PgProbeSpec,
     PolicySpec,
     PostgresSpec,
+    QuotaSpec,
+    RateLimitSpec,
     RetryAfterSpec,
     RetrySpec,
     RouteSpec,
     ShutdownSpec,
     Spec,
+    StateSpec,
     StaticSpec,
     TimeoutSpec,
     UpstreamSpec,
@@ -253,6 +259,9 @@ class _Compiler:
         for name, policy in policies.items():
             # Checked on their own too, so a policy no route uses is still validated.
             self.stages(policy, _Origin(self.doc, (("policies", name),)))
+            self.rate_limit(
+                policy.rate_limit, _Origin(self.doc, (("policies", name, "rate_limit"),))
+            )
         routes = []
         for index, route_spec in enumerate(spec.routes or []):
             self.route_policies.append(route_spec.policy)
@@ -281,6 +290,7 @@ class _Compiler:
                 drain_timeout=_or(shutdown.drain_timeout, ShutdownPolicy().drain_timeout),
             ),
             state_file=self.state_file(spec.state_file),
+            state=self.state(spec.state),
             upstreams=upstreams,
             routes=tuple(routes),
             cache=self.cache(spec),
@@ -394,6 +404,53 @@ class _Compiler:
             max_connections=_or(spec.max_connections, default.max_connections),
             tls=tls,
             userinfo=userinfo,
+            quota=self.quota(spec.quota),
+        )
+
+    def quota(self, spec: QuotaSpec | bool | None) -> QuotaPolicy | None:
+        given = _block(spec, QuotaSpec)
+        if given is None:
+            return None
+        default = QuotaPolicy()
+        return QuotaPolicy(
+            headers=_or(given.headers, default.headers),
+            reserve=_or(given.reserve, default.reserve),
+            max_queued=_or(given.max_queued, default.max_queued),
+        )
+
+    def state(self, spec: StateSpec | None) -> StateSettings:
+        default, given = StateSettings(), spec or StateSpec()
+        backend = _or(given.backend, default.backend)
+        if backend == "redis" and not given.url:
+            self.problem(("state", "url"), "required with backend: redis")
+        if given.url:
+            parts = urlsplit(given.url)
+            if parts.password:
+                self.secrets.add(unquote(parts.password))
+        return StateSettings(
+            backend=backend,
+            url=given.url,
+            key_prefix=_or(given.key_prefix, default.key_prefix),
+            timeout=_or(given.timeout, default.timeout),
+        )
+
+    def rate_limit(self, spec: RateLimitSpec | bool | None, at: _Origin) -> RateLimitPolicy | None:
+        if spec is True:
+            self.problem(at.path(), "needs rps, not just true")
+            return None
+        given = _block(spec, RateLimitSpec)
+        if given is None:
+            return None
+        if given.rps is None:
+            self.problem(at.path("rps"), "required")
+            return None
+        per = _or(given.per, "route")
+        return RateLimitPolicy(
+            rps=given.rps,
+            burst=_or(given.burst, max(1.0, float(math.ceil(given.rps)))),
+            per_header=per[len("header:") :] if per.startswith("header:") else None,
+            shared=_or(given.shared, False),
+            max_callers=_or(given.max_callers, 10_000),
         )
 
     def injected_headers(self, path: Path, spec: UpstreamSpec) -> tuple[tuple[str, str], ...]:
@@ -439,6 +496,9 @@ class _Compiler:
                 **{key: merge(getattr(policy, key), getattr(spec, key)) for key in STAGE_KEYS},
             )
         timeout, retry, breaker, bulkhead, fallback = self.stages(merged, _Origin(self.doc, bases))
+        rate_limit = self.rate_limit(
+            merged.rate_limit, _Origin(self.doc, tuple((*base, "rate_limit") for base in bases))
+        )
         match = spec.match or MatchSpec()
         return Route(
             name=spec.name,
@@ -454,6 +514,7 @@ class _Compiler:
             breaker=breaker,
             bulkhead=bulkhead,
             fallback=fallback,
+            rate_limit=rate_limit,
         )
 
     def stages(
@@ -722,6 +783,12 @@ def effective_tree(config: Config, policies: Sequence[str | None] = ()) -> dict[
         "limits": asdict(config.limits),
         "shutdown": asdict(config.shutdown),
         "state_file": config.state_file,
+        "state": {
+            "backend": config.state.backend,
+            "url": None if config.state.url is None else _redis_display(config.state.url),
+            "key_prefix": config.state.key_prefix,
+            "timeout": config.state.timeout,
+        },
         "upstreams": {name: _upstream_tree(up) for name, up in config.upstreams.items()},
         "routes": [
             _route_tree(route, policies[i] if i < len(policies) else None)
@@ -743,7 +810,20 @@ def _upstream_tree(upstream: Upstream) -> dict[str, Any]:
     }
     if upstream.userinfo is not None:
         tree["userinfo"] = REDACTED
+    if upstream.quota is not None:
+        tree["quota"] = asdict(upstream.quota)
     return tree
+
+
+def _redis_display(url: str) -> str:
+    """A Redis URL without its password (`redis://:<redacted>@host`)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hostpart = rest.rpartition("@")
+    if at and ":" in userinfo:
+        return f"{scheme}{sep}{userinfo.partition(':')[0]}:{REDACTED}@{hostpart}"
+    if at and userinfo:
+        return f"{scheme}{sep}{REDACTED}@{hostpart}"
+    return url
 
 
 def _route_tree(route: Route, policy: str | None) -> dict[str, Any]:
@@ -785,6 +865,17 @@ def _route_tree(route: Route, policy: str | None) -> dict[str, Any]:
             "mode": breaker.mode,
         },
         "bulkhead": asdict(route.bulkhead) if route.bulkhead else None,
+        "rate_limit": None
+        if route.rate_limit is None
+        else {
+            "rps": route.rate_limit.rps,
+            "burst": route.rate_limit.burst,
+            "per": "route"
+            if route.rate_limit.per_header is None
+            else "header:" + route.rate_limit.per_header,
+            "shared": route.rate_limit.shared,
+            "max_callers": route.rate_limit.max_callers,
+        },
         "fallback": None
         if fallback is None
         else {

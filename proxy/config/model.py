@@ -22,6 +22,10 @@ RESET = "reset"
 TIMEOUT = "timeout"
 BREAKER_OPEN = "breaker-open"
 BULKHEAD_FULL = "bulkhead-full"
+QUOTA = "quota"
+RATE_LIMITED = "rate-limited"
+QuotaHeaders = Literal["github", "cloudinary", "huggingface", "ietf", "generic"]
+StateBackendKind = Literal["local", "redis"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +73,16 @@ class TlsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class QuotaPolicy:
+    """`upstreams.<name>.quota` (DESIGN §14): which provider headers to read, and how many
+    requests to keep in reserve before the reset."""
+
+    headers: QuotaHeaders = "generic"
+    reserve: int = 0
+    max_queued: int = 128  # requests waiting for the reset at once; beyond that, 429
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream:
     name: str
     url: str  # scheme://host[:port][/base], no trailing slash, no userinfo
@@ -81,6 +95,7 @@ class Upstream:
     max_connections: int = 100
     tls: TlsSettings = TlsSettings()
     userinfo: tuple[str, str] | None = None  # from the URL; sent as Basic auth, never logged
+    quota: QuotaPolicy | None = None
 
     @property
     def injects_credentials(self) -> bool:
@@ -199,6 +214,18 @@ class FallbackPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitPolicy:
+    """`routes[].rate_limit` (DESIGN §14): a token bucket of `burst` gaining `rps` per second,
+    for the whole route (`per_header` None) or per value of that request header."""
+
+    rps: float
+    burst: float
+    per_header: str | None = None  # lower-case header name; None: one bucket per route
+    shared: bool = False  # through the fleet state backend (DESIGN §15)
+    max_callers: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
 class RouteMatch:
     path_prefix: str = "/"
     host: str | None = None  # lower-case; includes ":port" only when the YAML gave one
@@ -216,6 +243,7 @@ class Route:
     breaker: BreakerPolicy | None = None
     bulkhead: BulkheadPolicy | None = None
     fallback: FallbackPolicy | None = None
+    rate_limit: RateLimitPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +266,16 @@ class AdminSettings:
     host: str = "127.0.0.1"
     port: int = 9901
     token: str | None = None  # None: mutations refused with a how-to message
+
+
+@dataclass(frozen=True, slots=True)
+class StateSettings:
+    """`state` (DESIGN §15): where shared rate limits and quota snapshots live."""
+
+    backend: StateBackendKind = "local"
+    url: str | None = None  # redis://...; may hold a password: never log it
+    key_prefix: str = "resilience-proxy"
+    timeout: float = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +313,7 @@ class Config:
     limits: Limits = Limits()
     shutdown: ShutdownPolicy = ShutdownPolicy()
     state_file: str | None = None  # resolved path; None: persistence off
+    state: StateSettings = StateSettings()
     upstreams: Mapping[str, Upstream] = field(default_factory=dict)
     routes: tuple[Route, ...] = ()
     cache: CacheSettings = CacheSettings()

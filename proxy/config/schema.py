@@ -67,7 +67,14 @@ UNINJECTABLE_HEADERS = (HOP_BY_HOP - {"proxy-authorization", "proxy-authenticate
 }
 
 CONDITIONS_RETRY = ("connect-failure", "reset", "timeout")
-CONDITIONS_FALLBACK = ("breaker-open", "timeout", "connect-failure", "reset", "bulkhead-full")
+CONDITIONS_FALLBACK = (
+    "breaker-open",
+    "timeout",
+    "connect-failure",
+    "reset",
+    "bulkhead-full",
+    "quota",
+)
 _STATUS_HELP = "5xx (or 4xx, ...), gateway-error, a status like 503, a range like 500-504"
 
 
@@ -513,6 +520,34 @@ class FallbackSpec(Spec):
     """The response served when no stored one fits (default: none)."""
 
 
+def _check_per(value: str) -> str:
+    text = value.strip()
+    if text.lower() == "route":
+        return "route"
+    kind, colon, name = text.partition(":")
+    if kind.strip().lower() == "header" and colon and _TOKEN.fullmatch(name.strip()):
+        return "header:" + name.strip().lower()
+    raise ValueError(f"must be route or header:NAME (e.g. header:X-Agent-Id), got {quote(value)}")
+
+
+RateLimitPer = Annotated[
+    str, AfterValidator(_check_per), _text_schema(r"^(route|header:[!#$%&'*+.^_`|~0-9A-Za-z-]+)$")
+]
+
+
+class RateLimitSpec(Spec):
+    rps: float | None = Field(None, gt=0)
+    """Tokens added per second (required)."""
+    burst: float | None = Field(None, ge=1)
+    """Bucket size: requests allowed at once after a quiet period (default: rps, at least 1)."""
+    per: RateLimitPer | None = None
+    """route (one bucket, default) or header:NAME (one bucket per value of that header)."""
+    shared: bool | None = None
+    """Take tokens from the fleet state backend (state.backend: redis), default false."""
+    max_callers: int | None = Field(None, ge=1)
+    """Per-caller buckets kept (LRU), default 10000."""
+
+
 class PolicySpec(Spec):
     """A named, reusable set of stage blocks."""
 
@@ -521,9 +556,11 @@ class PolicySpec(Spec):
     breaker: Toggle[BreakerSpec] | None = None
     bulkhead: Toggle[BulkheadSpec] | None = None
     fallback: Toggle[FallbackSpec] | None = None
+    rate_limit: Toggle[RateLimitSpec] | None = None
+    """A token bucket in front of the route; its 429 is never replaced by a fallback."""
 
 
-STAGE_KEYS = ("timeout", "retry", "breaker", "bulkhead", "fallback")
+STAGE_KEYS = ("timeout", "retry", "breaker", "bulkhead", "fallback", "rate_limit")
 
 
 class MatchSpec(Spec):
@@ -551,6 +588,15 @@ class TlsSpec(Spec):
     """PEM bundle of a private CA (relative paths: to the config file's directory)."""
 
 
+class QuotaSpec(Spec):
+    headers: Literal["github", "cloudinary", "huggingface", "ietf", "generic"] | None = None
+    """Which provider's quota headers to read (default generic)."""
+    reserve: int | None = Field(None, ge=0)
+    """Hold requests back when remaining reaches this, until the reset (default 0)."""
+    max_queued: int | None = Field(None, ge=0)
+    """Requests waiting for the reset at once (default 128); beyond that, 429."""
+
+
 class UpstreamSpec(Spec):
     url: UpstreamUrl
     """http(s)://[user:password@]host[:port][/base]; userinfo is sent as Basic auth."""
@@ -562,6 +608,8 @@ class UpstreamSpec(Spec):
     """A new TCP+TLS connection (default 2s)."""
     max_connections: int | None = Field(None, ge=1)
     tls: TlsSpec | None = None
+    quota: Toggle[QuotaSpec] | None = None
+    """Track the provider's remaining quota and hold requests back at the reserve."""
 
 
 class AdminSpec(Spec):
@@ -584,6 +632,27 @@ class LimitsSpec(Spec):
 class ShutdownSpec(Spec):
     quiet_period: Duration | None = None
     drain_timeout: Duration | None = None
+
+
+def _check_redis_url(value: str) -> str:
+    scheme = value.strip().partition("://")[0].lower()
+    if scheme not in ("redis", "rediss", "unix") or "://" not in value:
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")  # may hold a password
+    return value.strip()
+
+
+RedisUrl = Annotated[str, AfterValidator(_check_redis_url), _text_schema()]
+
+
+class StateSpec(Spec):
+    backend: Literal["local", "redis"] | None = None
+    """local (default): each sidecar on its own; redis: shared limits and quota snapshots."""
+    url: RedisUrl | None = None
+    """redis://[:password@]host:port/db (required with backend redis)."""
+    key_prefix: Text | None = None
+    """Prefix of every key (default resilience-proxy)."""
+    timeout: PositiveDuration | None = None
+    """Socket timeout of each Redis command (default 50ms)."""
 
 
 class CacheSpec(Spec):
@@ -639,6 +708,8 @@ class ConfigSpec(Spec):
     shutdown: ShutdownSpec | None = None
     state_file: PathOrFlag | None = None
     """Breaker state; empty: $XDG_STATE_HOME/resilience-proxy/state.json; false: off."""
+    state: StateSpec | None = None
+    """Fleet state (DESIGN §15): local, or shared through Redis."""
     upstreams: dict[Name, UpstreamSpec] | None = None
     policies: dict[Name, PolicySpec] | None = None
     routes: list[RouteSpec] | None = None

@@ -54,6 +54,7 @@ STANDARD_METHODS = frozenset(
 
 BREAKER_STATES = ("closed", "open", "half_open", "forced_open", "forced_closed", "disabled")
 PG_STATUSES = ("unknown", "ok", "degraded", "critical")
+RATE_LIMIT_SOURCES = ("local", "shared", "quota", "upstream")
 RETRY_CALL_KINDS = (
     "successful_without_retry",
     "successful_with_retry",
@@ -75,6 +76,7 @@ class RequestRecord:
         "code",
         "method",
         "outcome",
+        "rate_limited",
         "retries",
     )
 
@@ -86,6 +88,9 @@ class RequestRecord:
         self.attempts: list[tuple[str, float]] = []
         self.retries: list[str] = []  # the `on` token behind each retry
         self.budget_exhausted = False
+        # rate_limited_total{source}: local | shared (our buckets), quota (our quota gate),
+        # upstream (the provider refused for quota); None: not rate-limited
+        self.rate_limited: str | None = None
 
 
 class Metrics:
@@ -160,6 +165,13 @@ class Metrics:
             p + "fallbacks_total",
             "Fallback responses served, by kind.",
             ("route", "kind"),
+            registry=r,
+        )
+        self.rate_limited_total = Counter(
+            p + "rate_limited_total",
+            "Requests refused for rate or quota, by who refused: local or shared rate limit, "
+            "the quota gate, or the upstream itself.",
+            ("route", "source"),
             registry=r,
         )
         self.cache_evictions = Counter(
@@ -261,6 +273,7 @@ class RouteMetrics:
         "duration",
         "fallback_stale",
         "fallback_static",
+        "rate_limited",
         "recent",
         "retry_budget_exhausted",
         "retry_kinds",
@@ -287,6 +300,9 @@ class RouteMetrics:
         self.bulkhead_rejected = m.bulkhead_rejected.labels(route, upstream)
         self.fallback_stale = m.fallbacks_total.labels(route, "stale")
         self.fallback_static = m.fallbacks_total.labels(route, "static")
+        self.rate_limited = {
+            source: m.rate_limited_total.labels(route, source) for source in RATE_LIMIT_SOURCES
+        }
         # requests, retries, fallbacks and failures in the last minute, by name
         self.recent = m.recent_for(route)
 
@@ -320,6 +336,11 @@ class RouteMetrics:
             self.retry_kinds[kind].inc()
         if rec.budget_exhausted:
             self.retry_budget_exhausted.inc()
+        source = rec.rate_limited
+        if source is None and rec.code == 429 and rec.outcome == "upstream-status":
+            source = "upstream"
+        if source is not None:
+            self.rate_limited[source].inc()
         if rec.outcome == "fallback-stale":
             self.fallback_stale.inc()
         elif rec.outcome == "fallback-static":
@@ -342,6 +363,8 @@ class LiveState:
         self.cache: Callable[[], tuple[int, int]] = lambda: (0, 0)
         self.config_hash: Callable[[], str] = lambda: ""
         self.postgres: Callable[[], Iterable[dict[str, Any]]] = lambda: ()
+        # (upstream, summary with "remaining" and "reset_seconds", None when unknown)
+        self.quotas: Callable[[], Iterable[tuple[str, dict[str, Any]]]] = lambda: ()
 
 
 def _gauge(name: str, doc: str, labels: Iterable[str] = ()) -> GaugeMetricFamily:
@@ -379,6 +402,23 @@ class _LiveCollector(Collector):
         if config_hash:
             info.add_metric([config_hash], 1.0)
         yield info
+        remaining = _gauge(
+            "upstream_quota_remaining",
+            "The provider's remaining quota (the lowest over credential partitions).",
+            ("upstream",),
+        )
+        reset = _gauge(
+            "upstream_quota_reset_seconds",
+            "Seconds until that quota resets.",
+            ("upstream",),
+        )
+        for upstream, summary in live.quotas():
+            if summary.get("remaining") is not None:
+                remaining.add_metric([upstream], float(summary["remaining"]))
+            if summary.get("reset_seconds") is not None:
+                reset.add_metric([upstream], float(summary["reset_seconds"]))
+        yield remaining
+        yield reset
         yield from _pg_families(live.postgres())
 
 

@@ -100,6 +100,7 @@ class ProxyApp:
         live.cache = lambda: (self.store.entries, self.store.bytes)
         live.config_hash = lambda: self.runtime.config.hash[:12]
         live.postgres = self.probers.snapshots
+        live.quotas = self.registry.iter_quotas
 
     # -- start ---------------------------------------------------------------------------
     async def start(self) -> None:

@@ -15,7 +15,13 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.cache import cache_status_value
-from proxy.errors import MESSAGES, STATUS_FOR_FAILURE, ProxyError, error_body
+from proxy.errors import (
+    MESSAGES,
+    RETRY_AFTER_FAILURES,
+    STATUS_FOR_FAILURE,
+    ProxyError,
+    error_body,
+)
 from proxy.headers import VIA_VALUE
 from proxy.observe.metrics import RequestRecord, observe_unrouted
 from proxy.server.body import BodyTooLarge, ClientBodyTimeout, prepare_body
@@ -265,7 +271,7 @@ class ProxyHandler:
             headers["X-Resilience-Reason"] = reason
             headers["Cache-Status"] = cache_status_value(
                 hit,
-                forwarded=failure not in ("breaker-open", "bulkhead-full"),
+                forwarded=failure not in ("breaker-open", "bulkhead-full", "quota"),
                 fwd_status=result.attempt.status if result.attempt is not None else None,
             )
             headers["X-Resilience-Attempts"] = str(attempts)
@@ -286,7 +292,7 @@ class ProxyHandler:
         status = STATUS_FOR_FAILURE.get(failure, 502)
         record.code, record.outcome = status, failure
         extra = None
-        if failure == "breaker-open" and result.retry_after is not None:
+        if failure in RETRY_AFTER_FAILURES and result.retry_after is not None:
             extra = {"Retry-After": str(max(1, math.ceil(result.retry_after)))}
         return _error_response(
             status, failure, rt.name, MESSAGES.get(failure, "upstream failure"), attempts, extra

@@ -20,9 +20,12 @@ from proxy.observe.metrics import Metrics, RouteMetrics
 from proxy.resilience.breaker import Breaker
 from proxy.resilience.budget import RetryBudget
 from proxy.resilience.bulkhead import Bulkhead
+from proxy.resilience.ratelimit import CallerBuckets
 from proxy.server.forwarding import HeaderPlan
 from proxy.stages.call import Stage
 from proxy.stages.pipeline import RouteState, build_pipeline
+from proxy.stages.quota import QuotaState
+from proxy.stages.ratelimit import SharedBuckets
 from proxy.upstream import UpstreamClient
 
 
@@ -85,6 +88,9 @@ class Registry:
         self.bulkheads: dict[tuple[str, str], Bulkhead] = {}
         self.budgets: dict[str, RetryBudget] = {}
         self.clients: dict[str, UpstreamClient] = {}
+        self.quotas: dict[str, QuotaState] = {}  # per upstream with `quota`
+        self.buckets: dict[str, CallerBuckets] = {}  # per route with `rate_limit`
+        self.shared: SharedBuckets | None = None  # the fleet state backend, when wired
         self._retired: list[UpstreamClient] = []
         self._closers: set[asyncio.Task[None]] = set()
 
@@ -122,7 +128,40 @@ class Registry:
                 budget = self.budgets[route.name] = RetryBudget(route.retry.budget, self.clock)
             else:
                 budget.update_policy(route.retry.budget)
-        return RouteState(self.client_for(route.upstream), breaker, bulkhead, budget, self.store)
+        return RouteState(
+            self.client_for(route.upstream),
+            breaker,
+            bulkhead,
+            budget,
+            self.store,
+            self.quota_for(route.upstream),
+            self.buckets_for(route),
+            self.shared,
+        )
+
+    def quota_for(self, upstream: Upstream) -> QuotaState | None:
+        policy = upstream.quota
+        if policy is None:
+            return None
+        state = self.quotas.get(upstream.name)
+        if state is None:
+            state = self.quotas[upstream.name] = QuotaState(upstream, policy, self.clock)
+        else:
+            state.update(upstream, policy)
+        return state
+
+    def buckets_for(self, route: Route) -> CallerBuckets | None:
+        policy = route.rate_limit
+        if policy is None:
+            return None
+        buckets = self.buckets.get(route.name)
+        if buckets is None:
+            buckets = self.buckets[route.name] = CallerBuckets(
+                policy.rps, policy.burst, policy.max_callers
+            )
+        else:
+            buckets.update(policy.rps, policy.burst, policy.max_callers)
+        return buckets
 
     def prune(self, config: Config) -> None:
         """Drop the state of routes and upstreams that the new config no longer has."""
@@ -134,6 +173,12 @@ class Registry:
         names = {r.name for r in config.routes if r.retry is not None}
         for name in [n for n in self.budgets if n not in names]:
             del self.budgets[name]
+        limited = {r.name for r in config.routes if r.rate_limit is not None}
+        for name in [n for n in self.buckets if n not in limited]:
+            del self.buckets[name]
+        metered = {r.upstream.name for r in config.routes if r.upstream.quota is not None}
+        for name in [n for n in self.quotas if n not in metered]:
+            self.quotas.pop(name).close()
         for name in [n for n in self.clients if n not in config.upstreams]:
             self._retire(self.clients.pop(name))
 
@@ -158,6 +203,13 @@ class Registry:
     def iter_breakers(self) -> Iterator[tuple[str, str, str]]:
         for (route, upstream), breaker in self.breakers.items():
             yield route, upstream, breaker.state
+
+    def iter_quotas(self) -> Iterator[tuple[str, dict[str, float | int | None]]]:
+        now = self.clock.now()
+        for name, state in self.quotas.items():
+            summary = state.tracker.summary(now)
+            summary["queued"] = state.queued
+            yield name, summary
 
     def iter_bulkheads(self) -> Iterator[tuple[str, str, int, int]]:
         for (route, upstream), bulkhead in self.bulkheads.items():

@@ -11,11 +11,14 @@ from proxy.stages.pipeline import ORDER, build_pipeline
 
 CONFIG = """
 version: 1
-upstreams: {u: {url: "http://127.0.0.1:9"}}
+upstreams:
+  u: {url: "http://127.0.0.1:9"}
+  metered: {url: "http://127.0.0.1:9", quota: {headers: github}}
 routes:
   - name: everything
     match: {path_prefix: /all/}
-    upstream: u
+    upstream: metered
+    rate_limit: {rps: 10}
     retry: true
     breaker: true
     bulkhead: true
@@ -37,10 +40,14 @@ def _stages(route_name: str) -> tuple[str, ...]:
 
 
 def test_declared_order_is_designs():
+    # DESIGN §6: rate limit → fallback → total timeout → retry → (failover →) quota → breaker
+    # → bulkhead → attempt timeout.
     assert [name for name, _ in ORDER] == [
+        "rate_limit",
         "fallback",
         "total_timeout",
         "retry",
+        "quota",
         "breaker",
         "bulkhead",
     ]
@@ -48,9 +55,11 @@ def test_declared_order_is_designs():
 
 def test_a_route_with_every_stage_runs_them_outermost_first():
     assert _stages("everything") == (
+        "rate_limit",
         "fallback",
         "total_timeout",
         "retry",
+        "quota",
         "breaker",
         "bulkhead",
         "attempt",
