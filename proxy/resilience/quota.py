@@ -32,6 +32,7 @@ __all__ = [
     "QuotaReading",
     "QuotaTracker",
     "QuotaWindow",
+    "RESET_MARGIN",
     "github_resource",
     "needs_body",
 ]
@@ -41,6 +42,9 @@ SECONDARY_PAUSE_MAX = 900.0  # 15 minutes
 EPOCH_THRESHOLD = 1e9  # generic X-RateLimit-Reset: epoch seconds above this, else a delta
 MAX_PARTITIONS = 10_000  # partitions tracked per upstream (LRU): memory stays bounded
 BODY_LIMIT = 64 * 1024  # bodies larger than this are never inspected
+# Added to every reset: epoch and HTTP-date resets have one-second resolution and our
+# timers may fire a hair early, and a request that lands just before the reset is refused.
+RESET_MARGIN = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,13 +410,13 @@ class QuotaTracker:
         if window is None:
             window = part.windows[resource] = QuotaWindow()
         remaining = reading.remaining
-        reset_at = None if reading.reset_after is None else now + reading.reset_after
+        reset_at = None if reading.reset_after is None else now + reading.reset_after + RESET_MARGIN
         if remaining is None:  # refused with only a Retry-After: spent until then
             remaining = 0
             assert reading.retry_after is not None
-            reset_at = now + reading.retry_after
+            reset_at = now + reading.retry_after + RESET_MARGIN
         elif reading.refused and reading.retry_after is not None:
-            reset_at = max(reset_at or 0.0, now + reading.retry_after)
+            reset_at = max(reset_at or 0.0, now + reading.retry_after + RESET_MARGIN)
         same_window = (
             window.remaining is not None
             and window.reset_at is not None

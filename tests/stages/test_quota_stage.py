@@ -15,6 +15,7 @@ from proxy.observe.events import EventBus
 from proxy.observe.metrics import RequestRecord
 from proxy.resilience.budget import RetryBudget
 from proxy.resilience.classify import Attempt
+from proxy.resilience.quota import RESET_MARGIN
 from proxy.stages.call import Call, RequestBody, Result, Stage
 from proxy.stages.quota import QuotaStage, QuotaState
 from proxy.stages.retry import RetryStage
@@ -100,11 +101,11 @@ async def test_waiters_are_released_at_the_reset_in_order_and_nothing_is_sent_be
     clock.advance(29.9)
     await settle()
     assert len(inner.sent) == 1  # nothing goes out before the reset
-    clock.advance(0.1)
+    clock.advance(0.1 + RESET_MARGIN + 1e-6)
     results = await asyncio.gather(*tasks)
     assert all(r.response is not None for r in results)
     assert [path for _, path in inner.sent[1:]] == [f"/q{i}" for i in range(5)]
-    assert all(at == 30.0 for at, _ in inner.sent[1:])
+    assert all(abs(at - (30.0 + RESET_MARGIN)) < 1e-3 for at, _ in inner.sent[1:])
     assert state.queued == 0
 
 
@@ -117,7 +118,7 @@ async def test_a_reset_beyond_the_deadline_is_refused_with_retry_after_and_costs
     call = make_call(deadline=10.0)
     result = await stage(call)
     assert result.failure == "quota" and result.attempt is None
-    assert result.retry_after == 30.0
+    assert result.retry_after == 30.0 + RESET_MARGIN
     assert call.record.rate_limited == "quota"
     assert len(inner.sent) == 1
 
@@ -151,7 +152,7 @@ async def test_the_queue_is_bounded_and_a_cancelled_waiter_leaves_it():
     waiting[0].cancel()
     await settle()
     assert state.queued == 1
-    clock.advance(30)
+    clock.advance(30 + RESET_MARGIN)
     assert (await waiting[1]).response is not None
 
 
