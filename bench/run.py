@@ -501,7 +501,7 @@ def checks(summaries: Sequence[Summary]) -> list[Check]:
                 value <= limit,
             )
         )
-    for key, budget in (("retry", 10.0), ("guarded", None), ("fallback", 15.0)):
+    for key, budget in (("retry", 10.0), ("guarded", None), ("fallback", 15.0), ("limited", None)):
         if have(key, "plain"):
             delta = _pct(by[key].cpu_us_per_req, by["plain"].cpu_us_per_req)
             rps = _pct(by[key].rps, by["plain"].rps)
@@ -791,6 +791,9 @@ def throughput(env: Env, args: argparse.Namespace) -> dict[str, Any]:
             Target("guarded", "(c) + breaker + bulkhead", f"{base}/guarded/x", proxy),
             Target(
                 "fallback", "(d) + cached fallback (stores every 200)", f"{base}/fallback/x", proxy
+            ),
+            Target(
+                "limited", "(g) + local rate limit (never refusing)", f"{base}/limited/x", proxy
             ),
             Target(
                 "open",
