@@ -175,9 +175,11 @@ def status_document(app: ProxyApp) -> dict[str, Any]:
     quotas = dict(app.registry.iter_quotas())
     for name, upstream in config.upstreams.items():
         client = app.registry.clients.get(name)
-        quota = quotas.get(name)
-        if quota is not None and upstream.quota is not None:
-            quota = {"headers": upstream.quota.headers, "reserve": upstream.quota.reserve, **quota}
+        quota: dict[str, Any] | None = None
+        summary = quotas.get(name)
+        if summary is not None and upstream.quota is not None:
+            quota = {"headers": upstream.quota.headers, "reserve": upstream.quota.reserve}
+            quota.update(summary)
         upstreams.append(
             {
                 "name": name,

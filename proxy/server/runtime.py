@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from proxy.cache import FallbackStore
 from proxy.clock import Clock, Rng
@@ -24,9 +25,13 @@ from proxy.resilience.ratelimit import CallerBuckets
 from proxy.server.forwarding import HeaderPlan
 from proxy.stages.call import Stage
 from proxy.stages.pipeline import RouteState, build_pipeline
-from proxy.stages.quota import QuotaState
+from proxy.stages.quota import QuotaState, SharedQuotas
 from proxy.stages.ratelimit import SharedBuckets
 from proxy.upstream import UpstreamClient
+
+
+class FleetState(SharedBuckets, SharedQuotas, Protocol):
+    """What quotas and shared rate limits need of the fleet state backend."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +95,7 @@ class Registry:
         self.clients: dict[str, UpstreamClient] = {}
         self.quotas: dict[str, QuotaState] = {}  # per upstream with `quota`
         self.buckets: dict[str, CallerBuckets] = {}  # per route with `rate_limit`
-        self.shared: SharedBuckets | None = None  # the fleet state backend, when wired
+        self.state: FleetState | None = None  # the fleet state backend, when wired
         self._retired: list[UpstreamClient] = []
         self._closers: set[asyncio.Task[None]] = set()
 
@@ -136,7 +141,7 @@ class Registry:
             self.store,
             self.quota_for(route.upstream),
             self.buckets_for(route),
-            self.shared,
+            self.state,
         )
 
     def quota_for(self, upstream: Upstream) -> QuotaState | None:
@@ -148,6 +153,8 @@ class Registry:
             state = self.quotas[upstream.name] = QuotaState(upstream, policy, self.clock)
         else:
             state.update(upstream, policy)
+        backend = self.state
+        state.backend = backend if backend is not None and backend.name != "local" else None
         return state
 
     def buckets_for(self, route: Route) -> CallerBuckets | None:

@@ -15,7 +15,7 @@ import asyncio
 import dataclasses
 import os
 from collections import deque
-from collections.abc import Callable
+from typing import Protocol
 
 from multidict import MultiMapping
 
@@ -33,8 +33,19 @@ from proxy.stages.call import Call, Result, Stage
 from proxy.upstream import UpstreamResponse
 
 GateKey = tuple[bytes | None, str]
-# Called with (partition, resource) after a response changed what is known (for publishing).
-ChangeHook = Callable[["QuotaState", bytes | None, str], None]
+Snapshot = dict[str, float | int | str]
+REFRESH = 1.0  # seconds: how stale the fleet's view of a quota may be before it is read again
+MAX_FETCHED = 10_000
+
+
+class SharedQuotas(Protocol):
+    """The part of the fleet state backend quotas use (proxy.state.StateBackend)."""
+
+    name: str
+
+    async def put_quota(self, key: str, snapshot: Snapshot, ttl: float) -> None: ...
+
+    async def get_quota(self, key: str) -> Snapshot | None: ...
 
 
 class QuotaState:
@@ -50,7 +61,13 @@ class QuotaState:
         self._gates: dict[GateKey, deque[tuple[float, asyncio.Future[None]]]] = {}
         self._tasks: dict[GateKey, asyncio.Task[None]] = {}
         self.queued = 0
-        self.on_change: ChangeHook | None = None
+        # Fleet sharing (DESIGN §15): snapshots of the shared partition (no client
+        # credentials of its own: every sidecar meters the same injected token) are
+        # published on change and read when unknown or older than REFRESH.
+        self.backend: SharedQuotas | None = None
+        self._fetched: dict[str, float] = {}
+        self._dirty: dict[str, tuple[Snapshot, float]] = {}
+        self._flusher: asyncio.Task[None] | None = None
         self.update(upstream, policy)
 
     def update(self, upstream: Upstream, policy: QuotaPolicy) -> None:
@@ -63,6 +80,77 @@ class QuotaState:
         if upstream.userinfo is not None:
             injected.add("authorization")
         self._credentials = tuple(h for h in CREDENTIAL_HEADERS if h not in injected)
+
+    def shared_key(self, partition: bytes | None, resource: str) -> str | None:
+        """The fleet key of a partition's quota; None for callers' own credentials, which
+        are partitioned by a per-process secret and never leave the process."""
+        if partition is not None or self.backend is None:
+            return None
+        return f"{self.name}:{resource or '-'}"
+
+    async def refresh(self, partition: bytes | None, resource: str) -> None:
+        """Adopt the fleet's snapshot of this quota when ours is unknown or stale."""
+        key = self.shared_key(partition, resource)
+        backend = self.backend
+        if key is None or backend is None:
+            return
+        now = self.clock.now()
+        last = self._fetched.get(key)
+        if last is not None and now - last < REFRESH:
+            return
+        if len(self._fetched) >= MAX_FETCHED:
+            self._fetched.clear()
+        self._fetched[key] = now
+        snapshot = await backend.get_quota(key)
+        if not snapshot:
+            return
+        try:
+            remaining = int(snapshot.get("remaining", 0))
+            reset_wall = float(snapshot.get("reset_wall", 0.0))
+            pause_wall = float(snapshot.get("pause_wall", 0.0))
+        except (TypeError, ValueError):
+            return
+        now, wall = self.clock.now(), self.clock.wall()
+        self.tracker.restore(
+            partition,
+            resource,
+            remaining,
+            now + (reset_wall - wall) if reset_wall else 0.0,
+            now + (pause_wall - wall) if pause_wall else 0.0,
+            now,
+        )
+
+    def publish(self, partition: bytes | None, resource: str) -> None:
+        """Queue the current snapshot for the fleet; one writer task, latest value wins."""
+        key = self.shared_key(partition, resource)
+        if key is None:
+            return
+        state = self.tracker.snapshot(partition, resource)
+        if state is None:
+            return
+        remaining, reset_at, pause_until = state
+        now, wall = self.clock.now(), self.clock.wall()
+        until = max(reset_at, pause_until)
+        ttl = until - now
+        if ttl <= 0:
+            return
+        snapshot: Snapshot = {
+            "remaining": remaining,
+            "reset_wall": wall + (reset_at - now) if reset_at else 0.0,
+            "pause_wall": wall + (pause_until - now) if pause_until > now else 0.0,
+        }
+        self._dirty[key] = (snapshot, ttl)
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            while self._dirty and self.backend is not None:
+                key = next(iter(self._dirty))
+                snapshot, ttl = self._dirty.pop(key)
+                await self.backend.put_quota(key, snapshot, ttl)
+        finally:
+            self._flusher = None
 
     def partition(self, headers: MultiMapping[str]) -> bytes | None:
         if not self._credentials:
@@ -115,6 +203,8 @@ class QuotaState:
         """The upstream's quota was removed: let every waiter go on (it re-checks nothing)."""
         for task in self._tasks.values():
             task.cancel()
+        if self._flusher is not None:
+            self._flusher.cancel()
         for gate in self._gates.values():
             for _, fut in gate:
                 if not fut.done():
@@ -138,6 +228,8 @@ class QuotaStage(Stage):
         tracker = state.tracker
         partition = state.partition(call.request_headers)
         resource = github_resource(call.path_qs) if self.github else ""
+        if state.backend is not None:
+            await state.refresh(partition, resource)
         while True:
             now = clock.now()
             wait = tracker.admit(partition, resource, now)
@@ -162,8 +254,8 @@ class QuotaStage(Stage):
             return result
         if reading.refused:
             call.record.rate_limited = "upstream"
-        if tracker.observe(partition, reading, clock.now(), resource) and state.on_change:
-            state.on_change(state, partition, reading.resource or resource)
+        if tracker.observe(partition, reading, clock.now(), resource):
+            state.publish(partition, reading.resource or resource)
         attempt = result.attempt
         if reading.estimated_time is not None and attempt is not None:
             wait = max(reading.estimated_time, attempt.retry_after or 0.0)

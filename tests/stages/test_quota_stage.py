@@ -241,3 +241,64 @@ async def test_injected_credentials_make_one_partition_for_every_caller():
     assert plain.partition(CIMultiDict()) is None
 
 
+
+
+class Board:
+    """Two QuotaStates sharing one board stand in for two sidecars sharing Redis; the real
+    backend is exercised by the fleet test."""
+
+    name = "redis"
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.entries: dict[str, tuple[float, dict]] = {}
+        self.gets = 0
+
+    async def put_quota(self, key: str, snapshot: dict, ttl: float) -> None:
+        self.entries[key] = (self.clock.now() + ttl, dict(snapshot))
+
+    async def get_quota(self, key: str) -> dict | None:
+        self.gets += 1
+        entry = self.entries.get(key)
+        return dict(entry[1]) if entry is not None and entry[0] > self.clock.now() else None
+
+
+async def test_an_exhaustion_seen_by_one_sidecar_holds_back_another_without_a_request():
+    clock = FakeClock(start=0.0)
+    board = Board(clock)
+    script = lambda n, c: Response(200, {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "30"})  # noqa: E731
+    first, first_up, first_state = stage_for(clock, script)
+    second, second_up, second_state = stage_for(clock, script)
+    first_state.backend = second_state.backend = board
+    await first(make_call(deadline=100.0))
+    await settle()  # the snapshot is written by a background task
+    assert "gh:-" in board.entries
+    # the second sidecar never saw this quota: it reads the snapshot and waits, sending nothing
+    refused = await second(make_call(deadline=10.0))
+    assert refused.failure == "quota" and len(second_up.sent) == 0
+    assert 29.0 < refused.retry_after <= 30.0 + RESET_MARGIN
+    waiting = asyncio.create_task(second(make_call(deadline=100.0)))
+    await settle()
+    assert second_state.queued == 1
+    clock.advance(30.2)
+    assert (await waiting).response is not None and len(second_up.sent) == 1
+    # reads are rate-limited to one per REFRESH per quota, not one per request
+    await second(make_call(deadline=clock.now() + 1))
+    gets = board.gets
+    for _ in range(5):
+        assert (await second(make_call(deadline=clock.now() + 1))).failure == "quota"
+    assert board.gets == gets
+    clock.advance(1.0)
+    await second(make_call(deadline=clock.now() + 1))
+    assert board.gets == gets + 1
+
+
+async def test_callers_own_credentials_are_never_shared():
+    clock = FakeClock(start=0.0)
+    board = Board(clock)
+    script = lambda n, c: Response(200, {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "30"})  # noqa: E731
+    stage, _, state = stage_for(clock, script)
+    state.backend = board
+    await stage(make_call(headers={"Authorization": "token alice"}, deadline=100.0))
+    await settle()
+    assert board.entries == {} and board.gets == 0
