@@ -208,3 +208,65 @@ async def test_rate_limit_state_survives_a_reload_and_goes_with_its_route(
     proxy.config_path.write_text(text.split("  - name: whole")[0])
     assert (await proxy.app.reload("admin"))[0] == "ok"
     assert "whole" not in proxy.app.registry.buckets
+
+
+PROVIDER_CONFIG = """
+version: 1
+listen: 127.0.0.1:{PORT}
+admin: {listen: 127.0.0.1:{ADMIN_PORT}}
+upstreams:
+  gh: {url: "{URL}", quota: {headers: github}}
+  hf: {url: "{URL}", quota: {headers: huggingface}}
+routes:
+  - name: github
+    match: {path_prefix: /github/}
+    upstream: gh
+    timeout: {total: 10s, per_try: 5s}
+  - name: inference
+    match: {path_prefix: /hf/}
+    upstream: hf
+    timeout: {total: 10s, per_try: 5s}
+    retry: {max_attempts: 3, backoff: {initial: 10ms, max: 20ms}}
+"""
+
+SECONDARY = b'{"message": "You have exceeded a secondary rate limit. Please wait a few minutes before you try again.", "documentation_url": "https://docs.github.com/rest/overview/rate-limits-for-the-rest-api#about-secondary-rate-limits"}'
+
+
+async def test_a_github_secondary_limit_pauses_only_that_credential(proxy_factory, upstream, http):
+    from tests.support.upstream import Reply
+
+    proxy = await proxy_factory(PROVIDER_CONFIG, URL=upstream.url)
+    upstream.push(Reply(403, {"content-type": "application/json", "x-ratelimit-remaining": "4999"}, SECONDARY))
+    alice = {"Authorization": "token alice"}
+    async with http.get(f"{proxy.url}/github/repos/o/r", headers=alice) as resp:
+        assert resp.status == 403
+        assert await resp.read() == SECONDARY  # read to find the message, still relayed whole
+    async with http.get(f"{proxy.url}/github/repos/o/r", headers={**alice, "X-Resilience-Timeout-Ms": "500"}) as resp:
+        assert resp.status == 429
+        assert resp.headers["X-Resilience-Reason"] == "quota"
+        assert resp.headers["Retry-After"] == "60"  # no retry-after: GitHub asks for a minute
+    async with http.get(f"{proxy.url}/github/repos/o/r", headers={"Authorization": "token bob"}) as resp:
+        assert resp.status == 200  # another credential is not paused
+    assert len(upstream.requests) == 2
+    assert await metric(http, proxy, "resilience_proxy_rate_limited_total", route="github", source="upstream") == 1
+    assert await metric(http, proxy, "resilience_proxy_rate_limited_total", route="github", source="quota") == 1
+
+
+async def test_a_huggingface_model_loading_503_is_retried_after_estimated_time(
+    proxy_factory, upstream, http
+):
+    from tests.support.upstream import Reply
+
+    proxy = await proxy_factory(PROVIDER_CONFIG, URL=upstream.url)
+    loading = Reply(503, {"content-type": "application/json"}, b'{"error": "Model x is currently loading", "estimated_time": 0.4}')
+    upstream.push(loading)
+    async with http.post(f"{proxy.url}/hf/models/x", data=b'{"inputs": "hi"}') as resp:
+        assert resp.status == 503  # a POST without an idempotency key is never repeated
+    assert len(upstream.requests) == 1
+    upstream.push(loading)
+    headers = {"Idempotency-Key": "k-1"}
+    async with http.post(f"{proxy.url}/hf/models/x", data=b'{"inputs": "hi"}', headers=headers) as resp:
+        assert resp.status == 200
+        assert resp.headers["X-Resilience-Attempts"] == "2"
+    waited = upstream.requests[2].at - upstream.requests[1].at
+    assert waited >= 0.4  # estimated_time, not the 10 ms backoff
