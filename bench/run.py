@@ -526,6 +526,17 @@ def checks(summaries: Sequence[Summary]) -> list[Check]:
                     None,
                 )
             )
+    if have("failover", "guarded"):
+        delta = _pct(by["failover"].cpu_us_per_req, by["guarded"].cpu_us_per_req)
+        rps = _pct(by["failover"].rps, by["guarded"].rps)
+        out.append(
+            Check(
+                "failover route CPU/req vs guarded (same route without failover)",
+                f"{delta:+.1f}% (req/s {rps:+.1f}%)",
+                "≤ +10%",
+                delta <= 10.0,
+            )
+        )
     return out
 
 
@@ -789,6 +800,12 @@ def throughput(env: Env, args: argparse.Namespace) -> dict[str, Any]:
             Target("plain", "(a) resilience-proxy: timeouts only", f"{base}/plain/x", proxy),
             Target("retry", "(b) + retries configured (none taken)", f"{base}/retry/x", proxy),
             Target("guarded", "(c) + breaker + bulkhead", f"{base}/guarded/x", proxy),
+            Target(
+                "failover",
+                "(g) (c) + failover to a second target (primary healthy)",
+                f"{base}/failover/x",
+                proxy,
+            ),
             Target(
                 "fallback", "(d) + cached fallback (stores every 200)", f"{base}/fallback/x", proxy
             ),

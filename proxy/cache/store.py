@@ -17,7 +17,7 @@ import math
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from multidict import MultiMapping
 
@@ -59,6 +59,15 @@ class StaleHit:
     age: int  # seconds, RFC 9111 §4.2.3 current_age, truncated: the Age header's value
     staleness: float  # seconds beyond the freshness lifetime, >= 0
     ttl: int  # freshness lifetime - current age, seconds (negative when stale), RFC 9211
+
+    def for_head(self) -> StaleHit:
+        """This GET answer as the answer to a HEAD (RFC 9110 §9.3.2): the same headers, no
+        body, and the Content-Length the GET carries (that of the stored body)."""
+        if self.status in _BODYLESS_STATUSES:
+            return replace(self, body=b"")
+        headers = [(k, v) for k, v in self.headers if k.lower() != "content-length"]
+        headers.append(("Content-Length", str(len(self.body))))
+        return replace(self, headers=tuple(headers), body=b"")
 
 
 def cache_status_value(

@@ -31,6 +31,7 @@ from proxy.config.model import (
     BulkheadPolicy,
     CacheSettings,
     Config,
+    FailoverPolicy,
     FailureRatePolicy,
     FallbackPolicy,
     Limits,
@@ -53,6 +54,7 @@ from proxy.config.model import (
     status_token_members,
 )
 from proxy.config.schema import (
+    CONDITIONS_FAILOVER,
     CONDITIONS_FALLBACK,
     CONDITIONS_RETRY,
     STAGE_KEYS,
@@ -64,6 +66,7 @@ from proxy.config.schema import (
     BulkheadSpec,
     CacheSpec,
     ConfigSpec,
+    FailoverSpec,
     FailureRateSpec,
     FallbackSpec,
     MatchSpec,
@@ -127,6 +130,7 @@ def check_references(doc: Document) -> None:
             if references:
                 _check_reference(doc, (section, index, "upstream"), item, "upstream", upstreams)
                 _check_reference(doc, (section, index, "policy"), item, "policy", policies)
+                _check_failover_targets(doc, index, item, upstreams)
 
 
 def _mapping(value: Any) -> dict[str, Any]:
@@ -141,6 +145,38 @@ def _check_reference(
         names = ", ".join(sorted(defined)) or "none"
         kind = "upstream" if key == "upstream" else "policy"
         doc.problem(path, f"unknown {kind} {quote(name)} (defined: {names})")
+
+
+def _check_failover_targets(
+    doc: Document, index: int, route: dict[str, Any], defined: dict[str, Any]
+) -> None:
+    """`routes[i].failover.upstreams`: defined, each once, and not the primary again."""
+    failover = route.get("failover")
+    targets = failover.get("upstreams") if isinstance(failover, dict) else None
+    if not isinstance(targets, list):
+        return
+    primary = route.get("upstream")
+    first: dict[str, int] = {}
+    for position, name in enumerate(targets):
+        if not isinstance(name, str):
+            continue
+        path: Path = ("routes", index, "failover", "upstreams", position)
+        if name == primary:
+            doc.problem(
+                path,
+                f"{quote(name)} is the route's upstream (the primary, tried first); "
+                "list only the alternatives",
+            )
+        elif name in first:
+            doc.problem(
+                path,
+                f"{quote(name)} is listed twice "
+                f"(first at failover.upstreams[{first[name]}]): each target is tried once",
+            )
+        elif name not in defined:
+            names = ", ".join(sorted(defined)) or "none"
+            doc.problem(path, f"unknown upstream {quote(name)} (defined: {names})")
+        first.setdefault(name, position)
 
 
 def compile_config(
@@ -499,6 +535,7 @@ class _Compiler:
         rate_limit = self.rate_limit(
             merged.rate_limit, _Origin(self.doc, tuple((*base, "rate_limit") for base in bases))
         )
+        failover = self.failover(spec.failover, upstreams) if spec.failover is not None else None
         match = spec.match or MatchSpec()
         return Route(
             name=spec.name,
@@ -515,7 +552,19 @@ class _Compiler:
             bulkhead=bulkhead,
             fallback=fallback,
             rate_limit=rate_limit,
+            failover=failover,
         )
+
+    def failover(self, spec: FailoverSpec, upstreams: Mapping[str, Upstream]) -> FailoverPolicy:
+        """The targets after the primary (unknown names were reported by check_references)."""
+        default = FailoverPolicy(())
+        targets = tuple(dict.fromkeys(n for n in spec.upstreams if n in upstreams))
+        conditions, statuses = default.conditions, default.statuses
+        if spec.on is not None:
+            tokens = tuple(dict.fromkeys(spec.on))
+            conditions = frozenset(t for t in tokens if t in CONDITIONS_FAILOVER)
+            statuses = _status_set(tuple(t for t in tokens if t not in CONDITIONS_FAILOVER))
+        return FailoverPolicy(tuple(upstreams[n] for n in targets), conditions, statuses)
 
     def stages(
         self, spec: PolicySpec, origin: _Origin
@@ -875,6 +924,12 @@ def _route_tree(route: Route, policy: str | None) -> dict[str, Any]:
             else "header:" + route.rate_limit.per_header,
             "shared": route.rate_limit.shared,
             "max_callers": route.rate_limit.max_callers,
+        },
+        "failover": None
+        if route.failover is None
+        else {
+            "upstreams": [up.name for up in route.failover.upstreams],
+            "on": list(route.failover.tokens),
         },
         "fallback": None
         if fallback is None

@@ -226,6 +226,28 @@ class RateLimitPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class FailoverPolicy:
+    """Ordered alternatives to a route's upstream (DESIGN §16).
+
+    `upstreams` are the targets after the primary, in order. `conditions` are the
+    non-status outcomes (connect-failure, reset, timeout, breaker-open, quota) after which
+    the next attempt goes to the next target at once; `statuses` the upstream answers.
+    """
+
+    upstreams: tuple[Upstream, ...]
+    conditions: frozenset[str] = frozenset(
+        ("connect-failure", "reset", "timeout", "breaker-open", "quota")
+    )
+    statuses: StatusSet = StatusSet(("5xx",), frozenset(range(500, 600)))
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        """The `on` list as written (conditions first), for the effective config."""
+        order = ("connect-failure", "reset", "timeout", "breaker-open", "quota")
+        return tuple(c for c in order if c in self.conditions) + self.statuses.tokens
+
+
+@dataclass(frozen=True, slots=True)
 class RouteMatch:
     path_prefix: str = "/"
     host: str | None = None  # lower-case; includes ":port" only when the YAML gave one
@@ -244,6 +266,14 @@ class Route:
     bulkhead: BulkheadPolicy | None = None
     fallback: FallbackPolicy | None = None
     rate_limit: RateLimitPolicy | None = None
+    failover: FailoverPolicy | None = None
+
+    @property
+    def targets(self) -> tuple[Upstream, ...]:
+        """The upstreams an attempt may go to, in order: the primary, then failover's."""
+        if self.failover is None:
+            return (self.upstream,)
+        return (self.upstream, *self.failover.upstreams)
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,6 +75,8 @@ CONDITIONS_FALLBACK = (
     "bulkhead-full",
     "quota",
 )
+# retry.on's vocabulary plus the two refusals that send nothing (DESIGN §16).
+CONDITIONS_FAILOVER = ("connect-failure", "reset", "timeout", "breaker-open", "quota")
 _STATUS_HELP = "5xx (or 4xx, ...), gateway-error, a status like 503, a range like 500-504"
 
 
@@ -332,6 +334,9 @@ OptionalHeaderName = Annotated[
 RetryCondition = Annotated[
     str, AfterValidator(_condition_validator(CONDITIONS_RETRY)), _text_schema(numbers=True)
 ]
+FailoverCondition = Annotated[
+    str, AfterValidator(_condition_validator(CONDITIONS_FAILOVER)), _text_schema(numbers=True)
+]
 FallbackCondition = Annotated[
     str, AfterValidator(_condition_validator(CONDITIONS_FALLBACK)), _text_schema(numbers=True)
 ]
@@ -563,6 +568,16 @@ class PolicySpec(Spec):
 STAGE_KEYS = ("timeout", "retry", "breaker", "bulkhead", "fallback", "rate_limit")
 
 
+class FailoverSpec(Spec):
+    """Ordered alternatives to the route's upstream (DESIGN §16)."""
+
+    upstreams: list[Name] = Field(min_length=1)
+    """The targets after the route's upstream (the primary), tried in this order."""
+    on: list[FailoverCondition] | None = None
+    """Outcomes that send the next attempt to the next target at once: connect-failure,
+    reset, timeout, breaker-open, quota and status tokens (default: all five and 5xx)."""
+
+
 class MatchSpec(Spec):
     path_prefix: PathPrefix | None = None
     """Raw path prefix, matched segment by segment (default /)."""
@@ -580,6 +595,7 @@ class RouteSpec(PolicySpec):
     strip_prefix: bool | None = None
     """Remove the matched prefix before forwarding (default true)."""
     policy: Name | None = None
+    failover: FailoverSpec | None = None
 
 
 class TlsSpec(Spec):
@@ -773,6 +789,8 @@ def _error_message(error: Any, path: Path, doc: Document) -> str:
         return message
     if kind == "extra_forbidden":
         return _unknown_key_message(tuple(error["loc"]))
+    if kind == "too_short":
+        return f"must list at least {ctx.get('min_length')} item(s), got {ctx.get('actual_length')}"
     simple = {
         "int_type": "must be an integer",
         "int_parsing": "must be an integer",

@@ -61,6 +61,16 @@ class RetryScheduled:
     wait: float  # seconds
 
 
+@dataclass(frozen=True, slots=True)
+class FailedOver:
+    """An attempt of a request went to another target than the one before (DESIGN §16)."""
+
+    route: str
+    from_upstream: str
+    to_upstream: str
+    reason: str  # the failover `on` token: breaker-open, quota, connect-failure, 5xx, ...
+
+
 Event = (
     BreakerTransitioned
     | BreakerRejected
@@ -68,6 +78,7 @@ Event = (
     | PgProbed
     | PgStatusChanged
     | RetryScheduled
+    | FailedOver
 )
 
 

@@ -17,6 +17,7 @@ from proxy.observe.events import (
     BreakerTransitioned,
     ConfigReloaded,
     Event,
+    FailedOver,
     PgStatusChanged,
     RetryScheduled,
 )
@@ -136,4 +137,16 @@ def on_event(event: Event) -> None:
             attempt=event.attempt,
             reason=event.reason,
             wait=round(event.wait, 3),
+        )
+    elif isinstance(event, FailedOver):
+        # Skipping a refusing target happens on every request of an outage: debug only
+        # (failovers_total counts it); a hop after a failed attempt is worth a line.
+        skip = event.reason in ("breaker-open", "quota")
+        emit(
+            logging.DEBUG if skip else logging.INFO,
+            "failover",
+            route=event.route,
+            from_upstream=event.from_upstream,
+            to_upstream=event.to_upstream,
+            reason=event.reason,
         )

@@ -20,6 +20,7 @@ from proxy.observe.events import (
     BreakerTransitioned,
     ConfigReloaded,
     Event,
+    FailedOver,
     PgProbed,
 )
 
@@ -78,19 +79,22 @@ class RequestRecord:
         "outcome",
         "rate_limited",
         "retries",
+        "target",
     )
 
     def __init__(self, method: str) -> None:
         self.method = method
         self.code = 0
         self.outcome = "ok"
-        # (result label, duration seconds) per upstream attempt
-        self.attempts: list[tuple[str, float]] = []
+        # (result label, duration seconds, target index) per upstream attempt; the index
+        # is into the route's targets (0: its upstream; then failover's, in order)
+        self.attempts: list[tuple[str, float, int]] = []
         self.retries: list[str] = []  # the `on` token behind each retry
         self.budget_exhausted = False
         # rate_limited_total{source}: local | shared (our buckets), quota (our quota gate),
         # upstream (the provider refused for quota); None: not rate-limited
         self.rate_limited: str | None = None
+        self.target = 0  # the target of the last attempt (or refusal)
 
 
 class Metrics:
@@ -174,6 +178,12 @@ class Metrics:
             ("route", "source"),
             registry=r,
         )
+        self.failovers_total = Counter(
+            p + "failovers_total",
+            "Attempts sent to another target of a failover route, by the reason.",
+            ("route", "from_upstream", "to_upstream", "reason"),
+            registry=r,
+        )
         self.cache_evictions = Counter(
             p + "cache_evictions_total",
             "Fallback entries evicted to stay within max_bytes.",
@@ -214,8 +224,9 @@ class Metrics:
             }
         return counters
 
-    def route(self, route: str, upstream: str) -> RouteMetrics:
-        return RouteMetrics(self, route, upstream)
+    def route(self, route: str, upstream: str, *failover: str) -> RouteMetrics:
+        """Children for a route; `failover` names its other targets, in order."""
+        return RouteMetrics(self, route, upstream, failover)
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, BreakerTransitioned):
@@ -224,6 +235,10 @@ class Metrics:
             ).inc()
         elif isinstance(event, BreakerRejected):
             self.breaker_rejected.labels(event.route, event.upstream).inc()
+        elif isinstance(event, FailedOver):
+            self.failovers_total.labels(
+                event.route, event.from_upstream, event.to_upstream, event.reason
+            ).inc()
         elif isinstance(event, ConfigReloaded):
             self.config_reloads.labels(event.result).inc()
         elif isinstance(event, PgProbed):
@@ -278,10 +293,13 @@ class RouteMetrics:
         "retry_budget_exhausted",
         "retry_kinds",
         "route",
+        "targets",
         "upstream",
     )
 
-    def __init__(self, m: Metrics, route: str, upstream: str) -> None:
+    def __init__(
+        self, m: Metrics, route: str, upstream: str, failover: tuple[str, ...] = ()
+    ) -> None:
         self._m = m
         self.route = route
         self.upstream = upstream
@@ -298,6 +316,16 @@ class RouteMetrics:
         self.retry_budget_exhausted = m.retry_budget_exhausted.labels(route)
         self.breaker_rejected = m.breaker_rejected.labels(route, upstream)
         self.bulkhead_rejected = m.bulkhead_rejected.labels(route, upstream)
+        # per target (index 0: the primary): attempt results, attempt durations, bulkhead
+        targets = [(self.attempt_children, self.attempt_duration, self.bulkhead_rejected)]
+        for name in failover:
+            children = {
+                result: m.attempts_total.labels(route, name, result)
+                for result in ("ok", "status", "timeout", "connect-failure", "reset")
+            }
+            duration = m.attempt_duration.labels(route, name)
+            targets.append((children, duration, m.bulkhead_rejected.labels(route, name)))
+        self.targets = tuple(targets)
         self.fallback_stale = m.fallbacks_total.labels(route, "stale")
         self.fallback_static = m.fallbacks_total.labels(route, "static")
         self.rate_limited = {
@@ -315,9 +343,11 @@ class RouteMetrics:
             self._requests[key] = child
         child.inc()
         self.duration.observe(duration)
-        for result, seconds in rec.attempts:
-            self.attempt_children[result].inc()
-            self.attempt_duration.observe(seconds)
+        targets = self.targets
+        for result, seconds, target in rec.attempts:
+            children, histogram, _ = targets[target]
+            children[result].inc()
+            histogram.observe(seconds)
         recent = self.recent
         recent["requests"].add(now)
         if rec.retries:
@@ -346,7 +376,7 @@ class RouteMetrics:
         elif rec.outcome == "fallback-static":
             self.fallback_static.inc()
         elif rec.outcome == "bulkhead-full":
-            self.bulkhead_rejected.inc()
+            targets[rec.target][2].inc()
 
 
 def observe_unrouted(m: Metrics, method: str, code: int, outcome: str, duration: float) -> None:

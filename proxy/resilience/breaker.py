@@ -191,6 +191,21 @@ class Breaker:
             return Permit(self._generation, records=False, shadow=True)
         return None
 
+    def admits(self) -> bool:
+        """Whether `acquire` would grant a permit now; takes none. Failover asks it before
+        sending a request on to the next target, so a hop is never made to a refusal."""
+        self._poll(self._clock.now())
+        state = self._state
+        if state is _S.CLOSED or state is _S.FORCED_CLOSED or state is _S.DISABLED:
+            return True
+        if state is _S.FORCED_OPEN:
+            return False
+        if state is _S.HALF_OPEN and len(self._trials) + self._trial_successes < (
+            self._policy.half_open_calls
+        ):
+            return True
+        return self._policy.mode == "observe"
+
     def record(self, permit: Permit, outcome: Attempt) -> None:
         """Record a finished attempt: failures are connect-failure, reset, timeout and
         `failure_statuses`; slow when `duration ≥ slow_calls.duration`. Outcomes of an

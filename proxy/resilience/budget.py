@@ -96,6 +96,17 @@ class RetryBudget:
         self._total_retries += 1
         return True
 
+    def release(self) -> None:
+        """Give back a retry taken by `try_acquire` whose attempt sent nothing (every target
+        refused it): a refusal costs no budget. Taken from the current second's bucket, else
+        the one before (the acquire was moments ago)."""
+        slot = self._roll()
+        if self._retries[slot] == 0:
+            slot = (slot - 1) % self._size
+        if self._retries[slot] > 0:
+            self._retries[slot] -= 1
+            self._total_retries -= 1
+
     @property
     def requests(self) -> int:
         """Requests counted in the current window."""

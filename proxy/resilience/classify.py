@@ -12,13 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from proxy.config.model import RetryOn, RetryPolicy
+from proxy.config.model import FailoverPolicy, RetryOn, RetryPolicy
 
 __all__ = [
     "Attempt",
     "AttemptResult",
     "RetryDecision",
+    "decide_failover",
     "decide_retry",
+    "failover_reason",
     "result_for_status",
     "retry_reason",
     "retry_wait",
@@ -154,5 +156,48 @@ def decide_retry(
     ):
         return RetryDecision.SERVER_WAIT_TOO_LONG
     if time_left is not None and wait >= time_left:
+        return RetryDecision.DEADLINE
+    return RetryDecision.RETRY
+
+
+def failover_reason(policy: FailoverPolicy, outcome: Attempt) -> str | None:
+    """The `failover.on` token this finished attempt matches (the `failovers_total{reason}`
+    label), or None. The refusals (`breaker-open`, `quota`) send nothing and are matched by
+    the failover stage before any attempt."""
+    result = outcome.result
+    if result == AttemptResult.OK or result == AttemptResult.STATUS:
+        if outcome.status is not None and outcome.status in policy.statuses:
+            return policy.statuses.label_for(outcome.status)
+        return None
+    return result.value if result.value in policy.conditions else None
+
+
+def decide_failover(
+    outcome: Attempt,
+    *,
+    methods: frozenset[str],
+    idempotency_header: str | None,
+    method: str,
+    has_idempotency_key: bool,
+    attempt: int,
+    max_attempts: int | None,
+    body_replayable: bool,
+    time_left: float | None,
+) -> RetryDecision:
+    """May the next attempt go to the next target, at once (DESIGN §16)?
+
+    The same rules as a retry, without a wait: never after a response byte went to the
+    client (the pipeline returns before any is sent), never with a body that cannot be
+    replayed; other methods than `methods` only with the idempotency header or when nothing
+    was sent (connect-failure); `max_attempts` (None: one per target) bounds the attempts.
+    """
+    if max_attempts is not None and attempt >= max_attempts:
+        return RetryDecision.ATTEMPTS_EXHAUSTED
+    if not outcome.nothing_sent and method not in methods:
+        if not (has_idempotency_key and idempotency_header is not None):
+            return RetryDecision.METHOD
+    if not body_replayable:
+        return RetryDecision.BODY_NOT_REPLAYABLE
+    if time_left is not None and time_left <= 0:
         return RetryDecision.DEADLINE
     return RetryDecision.RETRY

@@ -384,6 +384,20 @@ class QuotaTracker:
         window.remaining -= 1
         return 0.0
 
+    def peek(self, partition: bytes | None, resource: str, now: float) -> float:
+        """What `admit` would answer, without counting a request."""
+        part = self._partitions.get(partition)
+        if part is None:
+            return 0.0
+        if part.pause_until > now:
+            return part.pause_until - now
+        window = part.windows.get(resource)
+        if window is None or window.remaining is None or window.reset_at is None:
+            return 0.0
+        if window.reset_at <= now or window.remaining > self.reserve:
+            return 0.0
+        return window.reset_at - now
+
     def observe(
         self, partition: bytes | None, reading: QuotaReading, now: float, resource: str = ""
     ) -> bool:

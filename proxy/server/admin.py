@@ -26,6 +26,8 @@ from proxy import __version__
 from proxy.errors import error_body
 
 if TYPE_CHECKING:
+    from proxy.config.model import Route
+    from proxy.resilience.bulkhead import Bulkhead
     from proxy.server.app import ProxyApp
 
 APP_KEY: web.AppKey[ProxyApp] = web.AppKey("proxy_app")
@@ -147,14 +149,21 @@ def status_document(app: ProxyApp) -> dict[str, Any]:
         route = rt.route
         state = rt.state
         recent = rt.metrics.recent
-        bulkhead = None
-        if state.bulkhead is not None and route.bulkhead is not None:
-            bulkhead = {
-                "max_concurrent": route.bulkhead.max_concurrent,
-                "max_queued": route.bulkhead.max_queued,
-                "in_flight": state.bulkhead.in_flight,
-                "queued": state.bulkhead.queued,
-            }
+        bulkhead = _bulkhead_status(route, state.bulkhead)
+        entry: dict[str, Any] = {}
+        if rt.failover:
+            # Each target's own breaker and bulkhead, in order, and which one answered last.
+            entry["serving"] = state.serving.upstream
+            entry["targets"] = [
+                {
+                    "upstream": target.upstream.name,
+                    "primary": index == 0,
+                    "serving": target.upstream.name == state.serving.upstream,
+                    "breaker": target.breaker.snapshot() if target.breaker is not None else None,
+                    "bulkhead": _bulkhead_status(route, target.bulkhead),
+                }
+                for index, target in enumerate(state.targets)
+            ]
         routes.append(
             {
                 "name": rt.name,
@@ -169,6 +178,7 @@ def status_document(app: ProxyApp) -> dict[str, Any]:
                 "bulkhead": bulkhead,
                 "last_minute": {name: c.total(now) for name, c in recent.items()},
                 "cache": per_route_cache.get(rt.name, {"entries": 0, "bytes": 0}),
+                **entry,
             }
         )
     upstreams = []
@@ -205,6 +215,17 @@ def status_document(app: ProxyApp) -> dict[str, Any]:
     }
 
 
+def _bulkhead_status(route: Route, bulkhead: Bulkhead | None) -> dict[str, int] | None:
+    if bulkhead is None or route.bulkhead is None:
+        return None
+    return {
+        "max_concurrent": route.bulkhead.max_concurrent,
+        "max_queued": route.bulkhead.max_queued,
+        "in_flight": bulkhead.in_flight,
+        "queued": bulkhead.queued,
+    }
+
+
 def _iso(wall: float) -> str:
     return datetime.fromtimestamp(wall, UTC).isoformat(timespec="seconds")
 
@@ -234,9 +255,18 @@ async def breaker_action(request: web.Request) -> web.Response:
     action = request.match_info["action"]
     if action not in BREAKER_ACTIONS:
         return _json({"error": {"reason": "bad-request", "message": "unknown action"}}, 404)
-    found = [(key, b) for key, b in app.registry.breakers.items() if key[0] == route_name]
+    # `?upstream=NAME`: one target of a failover route (e.g. force the primary open to move
+    # its traffic to the next target); without it, every target's breaker of the route.
+    upstream = request.query.get("upstream")
+    found = [
+        (key, b)
+        for key, b in app.registry.breakers.items()
+        if key[0] == route_name and (upstream is None or key[1] == upstream)
+    ]
     if not found:
         message = "no route with a circuit breaker has this name"
+        if upstream is not None:
+            message = "no route with a circuit breaker has this name and upstream"
         return _json(
             {"error": {"reason": "not-found", "route": route_name, "message": message}}, 404
         )
@@ -245,7 +275,8 @@ async def breaker_action(request: web.Request) -> web.Response:
             breaker.reset()
         else:
             breaker.force(BREAKER_ACTIONS[action])
-    return _json({"route": route_name, "breakers": [b.snapshot() for _, b in found]})
+    breakers = [{"upstream": key[1], **b.snapshot()} for key, b in found]
+    return _json({"route": route_name, "breakers": breakers})
 
 
 async def reload_config(request: web.Request) -> web.Response:

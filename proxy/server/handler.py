@@ -70,7 +70,6 @@ class ProxyHandler:
             return _error_response(exc.status, exc.reason, exc.route, exc.message, attempts=None)
 
         record = RequestRecord(method)
-        route = rt.route
         response: web.StreamResponse | None = None
         result: Result | None = None
         try:
@@ -83,9 +82,10 @@ class ProxyHandler:
             incoming = request.headers
             make_headers = partial(build_upstream_headers, incoming, rt.header_plan, request)
             call = Call(method, path_qs, make_headers, incoming, body, record, None)
-            retry = route.retry
-            if retry is not None and retry.idempotency_header is not None:
-                call.has_idempotency_key = retry.idempotency_header in incoming
+            if rt.failover:  # each target builds its own headers (Host, credentials)
+                call.for_target = partial(build_upstream_headers, incoming, client=request)
+            if rt.idempotency_header is not None:
+                call.has_idempotency_key = rt.idempotency_header in incoming
             caller_ms = incoming.get("X-Resilience-Timeout-Ms")
             if caller_ms is not None and caller_ms.isdigit() and int(caller_ms) > 0:
                 call.deadline = start + int(caller_ms) / 1000.0
@@ -152,9 +152,8 @@ class ProxyHandler:
         """The request body, read under the limits of the config the request started with."""
         if not request.body_exists:
             return EMPTY_BODY  # most requests: nothing to read, check or buffer
-        route = rt.route
-        replay = route.retry.max_body if route.retry is not None else 0
-        fallback = route.fallback
+        replay = rt.replay_body
+        fallback = rt.route.fallback
         if fallback is not None and request.method not in ("GET", "HEAD"):
             if request.method in fallback.methods:
                 replay = max(replay, 64 * 1024)
@@ -190,10 +189,16 @@ class ProxyHandler:
         record.code = status
         record.outcome = "upstream-status" if status >= 500 or status == 429 else "ok"
         up_headers = upstream.headers
+        target = record.target
         headers = build_client_headers(
-            up_headers.items(), up_headers.getall("Connection", []), rt.route, request
+            up_headers.items(),
+            up_headers.getall("Connection", []),
+            rt.target_routes[target],
+            request,
         )
         headers["X-Resilience-Attempts"] = str(attempts)
+        if rt.failover:
+            headers["X-Resilience-Upstream"] = rt.target_names[target]
         writer = result.writer
         content = upstream.content
         if request.method == "HEAD" or status in _NO_BODY_STATUSES:
@@ -219,7 +224,7 @@ class ProxyHandler:
         response = StreamedResponse(status=status, reason=upstream.reason, headers=headers)
         await response.prepare(request)
         idle = rt.route.timeout.idle
-        client = rt.state.client
+        client = rt.state.targets[target].client
         client.streaming += 1
         try:
             while True:
@@ -263,6 +268,8 @@ class ProxyHandler:
     ) -> web.StreamResponse:
         failure = result.failure
         reason = failure if failure in STATUS_FOR_FAILURE else "upstream-status"
+        # On a failover route: the target whose failure (or refusal) this answer stands for.
+        upstream = rt.target_names[record.target] if rt.failover else None
         if result.stale is not None:
             hit = result.stale
             headers = CIMultiDict(hit.headers)
@@ -275,6 +282,8 @@ class ProxyHandler:
                 fwd_status=result.attempt.status if result.attempt is not None else None,
             )
             headers["X-Resilience-Attempts"] = str(attempts)
+            if upstream is not None:
+                headers["X-Resilience-Upstream"] = upstream
             headers.add("Via", VIA_VALUE)
             record.code, record.outcome = hit.status, "fallback-stale"
             return WholeResponse(status=hit.status, headers=headers, body=hit.body)
@@ -284,6 +293,8 @@ class ProxyHandler:
             headers["X-Resilience-Fallback"] = "static"
             headers["X-Resilience-Reason"] = reason
             headers["X-Resilience-Attempts"] = str(attempts)
+            if upstream is not None:
+                headers["X-Resilience-Upstream"] = upstream
             headers["Cache-Status"] = "resilience-proxy; fwd=uri-miss; detail=static-fallback"
             headers.add("Via", VIA_VALUE)
             record.code, record.outcome = static.status, "fallback-static"
@@ -291,9 +302,9 @@ class ProxyHandler:
         failure = failure or "reset"
         status = STATUS_FOR_FAILURE.get(failure, 502)
         record.code, record.outcome = status, failure
-        extra = None
+        extra = {} if upstream is None else {"X-Resilience-Upstream": upstream}
         if failure in RETRY_AFTER_FAILURES and result.retry_after is not None:
-            extra = {"Retry-After": str(max(1, math.ceil(result.retry_after)))}
+            extra["Retry-After"] = str(max(1, math.ceil(result.retry_after)))
         return _error_response(
             status, failure, rt.name, MESSAGES.get(failure, "upstream failure"), attempts, extra
         )

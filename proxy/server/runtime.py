@@ -15,7 +15,7 @@ from typing import Protocol
 
 from proxy.cache import FallbackStore
 from proxy.clock import Clock, Rng
-from proxy.config.model import Config, Route, Upstream
+from proxy.config.model import Config, RetryPolicy, Route, Upstream
 from proxy.observe.events import EventBus
 from proxy.observe.metrics import Metrics, RouteMetrics
 from proxy.resilience.breaker import Breaker
@@ -24,7 +24,8 @@ from proxy.resilience.bulkhead import Bulkhead
 from proxy.resilience.ratelimit import CallerBuckets
 from proxy.server.forwarding import HeaderPlan
 from proxy.stages.call import Stage
-from proxy.stages.pipeline import RouteState, build_pipeline
+from proxy.stages.failover import Serving
+from proxy.stages.pipeline import RouteState, TargetState, build_pipeline, target_route
 from proxy.stages.quota import QuotaState, SharedQuotas
 from proxy.stages.ratelimit import SharedBuckets
 from proxy.upstream import UpstreamClient
@@ -32,6 +33,11 @@ from proxy.upstream import UpstreamClient
 
 class FleetState(SharedBuckets, SharedQuotas, Protocol):
     """What quotas and shared rate limits need of the fleet state backend."""
+
+
+# Request bodies up to this are buffered on a failover route without a retry block, so a
+# hop to the next target can replay them (retry.max_body's default).
+FAILOVER_REPLAY_BODY = RetryPolicy().max_body
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +54,13 @@ class RouteRuntime:
     retry_enabled: bool
     state: RouteState
     header_plan: HeaderPlan
+    # Per target (index 0: the route's upstream), for the response side: the route as that
+    # target sees it (Location rewriting) and its name (X-Resilience-Upstream).
+    target_routes: tuple[Route, ...]
+    target_names: tuple[str, ...]
+    failover: bool  # the route has more than one target
+    idempotency_header: str | None  # lower-case; None: no retry or failover to unlock
+    replay_body: int  # request bodies up to this are buffered for replay
 
     def matches(self, path: str, host: str, method: str) -> bool:
         prefix = self.prefix  # segment-wise: /api (or /api/) matches /api and /api/x, not /apix
@@ -92,6 +105,7 @@ class Registry:
         self.breakers: dict[tuple[str, str], Breaker] = {}
         self.bulkheads: dict[tuple[str, str], Bulkhead] = {}
         self.budgets: dict[str, RetryBudget] = {}
+        self.serving: dict[str, Serving] = {}
         self.clients: dict[str, UpstreamClient] = {}
         self.quotas: dict[str, QuotaState] = {}  # per upstream with `quota`
         self.buckets: dict[str, CallerBuckets] = {}  # per route with `rate_limit`
@@ -108,14 +122,15 @@ class Registry:
             client = self.clients[upstream.name] = UpstreamClient(upstream, self.clock)
         return client
 
-    def state_for(self, route: Route) -> RouteState:
-        key = (route.name, route.upstream.name)
+    def target_for(self, route: Route, upstream: Upstream) -> TargetState:
+        """One target's breaker and bulkhead, keyed (route, upstream), and its pool."""
+        key = (route.name, upstream.name)
         breaker = None
         if route.breaker is not None:
             breaker = self.breakers.get(key)
             if breaker is None:
                 breaker = self.breakers[key] = Breaker(
-                    route.name, route.upstream.name, route.breaker, self.clock, self.bus.emit
+                    route.name, upstream.name, route.breaker, self.clock, self.bus.emit
                 )
             else:
                 breaker.update_policy(route.breaker)
@@ -126,25 +141,13 @@ class Registry:
                 bulkhead = self.bulkheads[key] = Bulkhead(route.bulkhead, self.clock)
             else:
                 bulkhead.update_policy(route.bulkhead)
-        budget = None
-        if route.retry is not None:
-            budget = self.budgets.get(route.name)
-            if budget is None:
-                budget = self.budgets[route.name] = RetryBudget(route.retry.budget, self.clock)
-            else:
-                budget.update_policy(route.retry.budget)
-        return RouteState(
-            self.client_for(route.upstream),
-            breaker,
-            bulkhead,
-            budget,
-            self.store,
-            self.quota_for(route.upstream),
-            self.buckets_for(route),
-            self.state,
+        return TargetState(
+            upstream, self.client_for(upstream), breaker, bulkhead, self.quota_for(upstream)
         )
 
     def quota_for(self, upstream: Upstream) -> QuotaState | None:
+        """The upstream's quota state: per upstream, shared by every route and target that
+        sends to it (the provider meters the credential, not the route)."""
         policy = upstream.quota
         if policy is None:
             return None
@@ -170,9 +173,23 @@ class Registry:
             buckets.update(policy.rps, policy.burst, policy.max_callers)
         return buckets
 
+    def state_for(self, route: Route) -> RouteState:
+        targets = tuple(self.target_for(route, upstream) for upstream in route.targets)
+        serving = self.serving.get(route.name)
+        if serving is None:
+            serving = self.serving[route.name] = Serving()
+        budget = None
+        if route.retry is not None:
+            budget = self.budgets.get(route.name)
+            if budget is None:
+                budget = self.budgets[route.name] = RetryBudget(route.retry.budget, self.clock)
+            else:
+                budget.update_policy(route.retry.budget)
+        return RouteState(targets, budget, self.store, serving, self.buckets_for(route), self.state)
+
     def prune(self, config: Config) -> None:
-        """Drop the state of routes and upstreams that the new config no longer has."""
-        keys = {(r.name, r.upstream.name) for r in config.routes}
+        """Drop the state of routes, targets and upstreams the new config no longer has."""
+        keys = {(r.name, upstream.name) for r in config.routes for upstream in r.targets}
         for key in [k for k in self.breakers if k not in keys]:
             del self.breakers[key]
         for key in [k for k in self.bulkheads if k not in keys]:
@@ -180,10 +197,13 @@ class Registry:
         names = {r.name for r in config.routes if r.retry is not None}
         for name in [n for n in self.budgets if n not in names]:
             del self.budgets[name]
+        routes = {r.name for r in config.routes}
+        for name in [n for n in self.serving if n not in routes]:
+            del self.serving[name]
         limited = {r.name for r in config.routes if r.rate_limit is not None}
         for name in [n for n in self.buckets if n not in limited]:
             del self.buckets[name]
-        metered = {r.upstream.name for r in config.routes if r.upstream.quota is not None}
+        metered = {u.name for r in config.routes for u in r.targets if u.quota is not None}
         for name in [n for n in self.quotas if n not in metered]:
             self.quotas.pop(name).close()
         for name in [n for n in self.clients if n not in config.upstreams]:
@@ -236,6 +256,15 @@ def compile_runtime(
         state = registry.state_for(route)
         pipeline, names = build_pipeline(route, state, clock, rng, bus)
         host = route.match.host
+        targets = route.targets
+        failover = "failover" in names
+        retry = route.retry
+        idempotency = retry.idempotency_header if retry is not None else None
+        if retry is None and failover:
+            idempotency = RetryPolicy().idempotency_header
+        replay = retry.max_body if retry is not None else 0
+        if retry is None and failover:
+            replay = FAILOVER_REPLAY_BODY
         routes.append(
             RouteRuntime(
                 route=route,
@@ -246,10 +275,15 @@ def compile_runtime(
                 methods=route.match.methods,
                 pipeline=pipeline,
                 stages=names,
-                metrics=metrics.route(route.name, route.upstream.name),
+                metrics=metrics.route(route.name, *(t.name for t in targets)),
                 retry_enabled="retry" in names,
                 state=state,
                 header_plan=HeaderPlan.for_upstream(route.upstream),
+                target_routes=tuple(target_route(route, i) for i in range(len(targets))),
+                target_names=tuple(t.name for t in targets),
+                failover=failover,
+                idempotency_header=idempotency,
+                replay_body=replay,
             )
         )
     registry.prune(config)

@@ -9,6 +9,7 @@ per-use bookkeeping): this runs once per proxied request.
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 from proxy.clock import Clock
 from proxy.config.model import Route
@@ -17,18 +18,37 @@ from proxy.resilience.classify import Attempt, AttemptResult
 from proxy.stages.call import Call, Result, Stage
 from proxy.upstream import UpstreamClient, UpstreamFailure
 
+if TYPE_CHECKING:
+    from proxy.server.forwarding import HeaderPlan
+
 # Statuses worth parsing Retry-After / X-RateLimit-Reset for (off the happy path).
 _SERVER_WAIT_STATUSES = frozenset((403, 429, 500, 502, 503, 504))
 
 
 class AttemptStage(Stage):
-    __slots__ = ("client", "clock", "per_try")
+    """One attempt to one target. Target 0 (the route's upstream) sends `call.path_qs` and
+    `call.headers`; another target of a failover route swaps the primary's base path for
+    its own and builds its own headers (its Host, its injected credentials)."""
 
-    def __init__(self, route: Route, client: UpstreamClient, clock: Clock) -> None:
+    __slots__ = ("base", "client", "clock", "cut", "index", "per_try", "plan")
+
+    def __init__(
+        self,
+        route: Route,
+        client: UpstreamClient,
+        clock: Clock,
+        index: int = 0,
+        plan: HeaderPlan | None = None,
+    ) -> None:
         super().__init__(None)
         self.client = client
         self.clock = clock
         self.per_try = route.timeout.per_try
+        self.index = index
+        self.plan = plan if index else None
+        # path_qs is primary.base_path + "/" + rest: this target's path replaces the base.
+        self.cut = len(route.upstream.base_path)
+        self.base = route.targets[index].base_path
 
     async def __call__(self, call: Call) -> Result:
         clock = self.clock
@@ -50,17 +70,23 @@ class AttemptStage(Stage):
             handle = asyncio.get_running_loop().call_later(limit, cutoff.fire)
         try:
             body = call.body
+            plan = self.plan
+            if plan is None:
+                path, headers = call.path_qs, call.headers
+            else:
+                path, headers = self.base + call.path_qs[self.cut :], call.headers_for(plan)
             response = await client.send(
-                call.method, call.path_qs, call.headers, body.payload(), body.stream_length
+                call.method, path, headers, body.payload(), body.stream_length
             )
         except asyncio.CancelledError:
             if cutoff is None or not cutoff.fired or cutoff.task.uncancel() > 0:
                 raise  # the client went away (or both happened): propagate
-            return _failed(call, "timeout", clock.now() - start, False, total_bound)
+            return _failed(call, "timeout", clock.now() - start, False, total_bound, self.index)
         except UpstreamFailure as exc:
             if call.body.client_error is not None:
                 raise call.body.client_error from None
-            return _failed(call, exc.kind, clock.now() - start, exc.before_request, False)
+            duration = clock.now() - start
+            return _failed(call, exc.kind, duration, exc.before_request, False, self.index)
         finally:
             client.in_flight -= 1
             if handle is not None:
@@ -71,7 +97,7 @@ class AttemptStage(Stage):
         if status in _SERVER_WAIT_STATUSES:
             wait = server_wait(status, response.headers, clock.wall())
         attempt = Attempt.response(status, duration, wait)
-        call.record.attempts.append((attempt.result, duration))
+        call.record.attempts.append((attempt.result, duration, self.index))
         result = Result(response)
         result.attempt = attempt
         return result
@@ -93,8 +119,10 @@ class _Cutoff:
         self.task.cancel()
 
 
-def _failed(call: Call, kind: str, duration: float, before: bool, total: bool) -> Result:
-    call.record.attempts.append((kind, duration))
+def _failed(
+    call: Call, kind: str, duration: float, before: bool, total: bool, index: int
+) -> Result:
+    call.record.attempts.append((kind, duration, index))
     result = Result(failure=kind, total_timeout=total)
     result.attempt = Attempt(AttemptResult(kind), None, before, duration)
     return result

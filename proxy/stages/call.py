@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from proxy.cache import EntryWriter, StaleHit
     from proxy.config.model import StaticFallback
     from proxy.resilience.classify import Attempt
+    from proxy.server.forwarding import HeaderPlan
     from proxy.upstream import UpstreamResponse
 
 
@@ -97,7 +98,9 @@ class Call:
         "_make_headers",
         "body",
         "deadline",
+        "for_target",
         "has_idempotency_key",
+        "hop",
         "method",
         "path_qs",
         "record",
@@ -115,14 +118,26 @@ class Call:
         deadline: float | None,
     ) -> None:
         self.method = method
-        self.path_qs = path_qs  # the upstream path and query, raw
-        self._make_headers = make_headers
+        self.path_qs = path_qs  # the primary upstream's path and query, raw
+        self._make_headers = make_headers  # the primary upstream's request headers
         self._headers: CIMultiDict[str] | None = None
         self.request_headers = request_headers  # as the client sent them
         self.body = body
         self.record = record
         self.deadline = deadline  # monotonic; None: no total timeout
         self.has_idempotency_key = False
+        # Failover routes only: builds the request headers for another target from its
+        # `HeaderPlan`, so each target gets its own Host and injected credentials.
+        self.for_target: Callable[[HeaderPlan], CIMultiDict[str]] | None = None
+        # Set by the failover stage: (target index, reason) where the next attempt goes.
+        self.hop: tuple[int, str] | None = None
+
+    def headers_for(self, plan: HeaderPlan) -> CIMultiDict[str]:
+        """The request headers for a target other than the primary (built per attempt)."""
+        build = self.for_target
+        if build is None:
+            raise RuntimeError("a failover target needs Call.for_target")
+        return build(plan)
 
     @property
     def headers(self) -> CIMultiDict[str]:
@@ -140,6 +155,7 @@ class Result:
     __slots__ = (
         "attempt",
         "cleanups",
+        "failover",
         "failure",
         "response",
         "retry_after",
@@ -162,6 +178,9 @@ class Result:
         self.failure = failure  # connect-failure | reset | timeout | breaker-open | bulkhead-full
         self.retry_after = retry_after  # seconds, for a breaker-open 503
         self.total_timeout = total_timeout  # the failure is the total deadline, not per_try
+        # Set by the failover stage: the `failover.on` token when the next attempt may go
+        # to the next target at once (no backoff); the retry stage decides whether it does.
+        self.failover: str | None = None
         self.cleanups: list[Callable[[], None]] = []  # run once the response is finished
         self.stale: StaleHit | None = None
         self.static: StaticFallback | None = None

@@ -152,6 +152,11 @@ class QuotaState:
         finally:
             self._flusher = None
 
+    def admits(self) -> bool:
+        """Whether the shared partition could send now (for failover's look-ahead)."""
+        resource = "core" if self.policy.headers == "github" else ""
+        return self.tracker.peek(None, resource, self.clock.now()) <= 0.0
+
     def partition(self, headers: MultiMapping[str]) -> bytes | None:
         if not self._credentials:
             return None
@@ -213,12 +218,17 @@ class QuotaState:
 
 
 class QuotaStage(Stage):
-    __slots__ = ("clock", "github", "kind", "state")
+    """`waits`: False on a failover target that is skipped when spent (refuse at once)."""
 
-    def __init__(self, next_stage: Stage, state: QuotaState, clock: Clock) -> None:
+    __slots__ = ("clock", "github", "kind", "state", "waits")
+
+    def __init__(
+        self, next_stage: Stage, state: QuotaState, clock: Clock, *, waits: bool = True
+    ) -> None:
         super().__init__(next_stage)
         self.state = state
         self.clock = clock
+        self.waits = waits
         self.kind = state.policy.headers
         self.github = self.kind == "github"
 
@@ -237,8 +247,10 @@ class QuotaStage(Stage):
                 break
             deadline = call.deadline
             if (
-                deadline is not None and now + wait >= deadline
-            ) or state.queued >= state.policy.max_queued:
+                not self.waits
+                or (deadline is not None and now + wait >= deadline)
+                or state.queued >= state.policy.max_queued
+            ):
                 call.record.rate_limited = "quota"
                 return Result(failure="quota", retry_after=wait)
             await state.wait((partition, resource), now + wait)

@@ -2,7 +2,9 @@
 
 The pure rules (which outcomes match `on`, which methods and bodies may be replayed, how
 long to wait) live in `proxy.resilience`; this stage only loops, sleeps and records.
-Rejections by the breaker or the bulkhead are never retried.
+Rejections by the breaker or the bulkhead are never retried. On a failover route, an
+outcome the failover stage marked (`Result.failover`) is a hop to the next target: taken
+at once, without backoff, under the same rules, and counted as a retry in the budget.
 """
 
 from __future__ import annotations
@@ -12,10 +14,17 @@ from proxy.config.model import RetryPolicy
 from proxy.observe.events import EventBus, RetryScheduled
 from proxy.resilience.backoff import backoff_delay
 from proxy.resilience.budget import RetryBudget
-from proxy.resilience.classify import RetryDecision, decide_retry, retry_reason, retry_wait
+from proxy.resilience.classify import (
+    RetryDecision,
+    decide_failover,
+    decide_retry,
+    retry_reason,
+    retry_wait,
+)
 from proxy.stages.call import Call, Result, Stage
 
 _NEVER_RETRIED = frozenset(("breaker-open", "bulkhead-full"))
+_REFUSALS = frozenset(("breaker-open", "quota"))  # nothing was sent
 
 
 class RetryStage(Stage):
@@ -48,22 +57,44 @@ class RetryStage(Stage):
             result = await self.next(call)
             outcome = result.attempt
             if outcome is None or result.failure in _NEVER_RETRIED or result.total_timeout:
+                if outcome is None and attempt > 1 and result.failure in _REFUSALS:
+                    # The retry was refused before anything was sent (the breaker opened
+                    # during the backoff): it costs no budget and is not counted.
+                    self.budget.release()
+                    call.record.retries.pop()
                 return result
-            reason = retry_reason(policy.on, outcome)
-            if reason is None:
-                return result
-            wait = retry_wait(policy, outcome, backoff_delay(policy.backoff, attempt, self.rng))
-            time_left = None if call.deadline is None else call.deadline - self.clock.now()
-            decision = decide_retry(
-                policy,
-                outcome,
-                method=call.method,
-                has_idempotency_key=call.has_idempotency_key,
-                attempt=attempt,
-                body_replayable=call.body.replayable,
-                time_left=time_left,
-                wait=wait,
-            )
+            reason = result.failover
+            if reason is not None:
+                wait = 0.0
+                time_left = None if call.deadline is None else call.deadline - self.clock.now()
+                decision = decide_failover(
+                    outcome,
+                    methods=policy.methods,
+                    idempotency_header=policy.idempotency_header,
+                    method=call.method,
+                    has_idempotency_key=call.has_idempotency_key,
+                    attempt=attempt,
+                    max_attempts=policy.max_attempts,
+                    body_replayable=call.body.replayable,
+                    time_left=time_left,
+                )
+            else:
+                reason = retry_reason(policy.on, outcome)
+                if reason is None:
+                    return result
+                backoff = backoff_delay(policy.backoff, attempt, self.rng)
+                wait = retry_wait(policy, outcome, backoff)
+                time_left = None if call.deadline is None else call.deadline - self.clock.now()
+                decision = decide_retry(
+                    policy,
+                    outcome,
+                    method=call.method,
+                    has_idempotency_key=call.has_idempotency_key,
+                    attempt=attempt,
+                    body_replayable=call.body.replayable,
+                    time_left=time_left,
+                    wait=wait,
+                )
             if decision is not RetryDecision.RETRY:
                 return result
             if not self.budget.try_acquire():
@@ -73,4 +104,5 @@ class RetryStage(Stage):
             attempt += 1
             call.record.retries.append(reason)
             self.bus.emit(RetryScheduled(self.route, attempt, reason, wait))
-            await self.clock.sleep(wait)
+            if result.failover is None:  # a hop to the next target goes at once
+                await self.clock.sleep(wait)

@@ -269,3 +269,37 @@ async def test_unreachable_without_fallback_is_still_502(proxy_factory, http):
     status, headers, _ = await get(http, p.url + "/c/never")
     assert status == 502
     assert headers["X-Resilience-Reason"] == "connect-failure"
+
+
+async def test_head_during_an_outage_gets_the_stale_gets_headers(proxy, upstream, http):
+    """RFC 9110 §9.3.2: a HEAD may be answered with the headers a GET would get; during an
+    outage that is the stored GET answer, without its body (issue 12 item 10)."""
+    body = b'{"items": [1, 2, 3]}'
+    await prime(http, proxy, upstream, "/c/listing", body=body,
+                headers={"Cache-Control": "max-age=0", "Content-Type": "application/json",
+                         "ETag": '"v1"'})
+    upstream.default = Reply(status=503)
+    status, headers, got = await get(http, proxy.url + "/c/listing")
+    assert (status, got) == (200, body)
+    async with http.head(proxy.url + "/c/listing") as resp:
+        assert resp.status == 200
+        assert resp.headers["X-Resilience-Fallback"] == "stale"
+        assert resp.headers["X-Resilience-Reason"] == "upstream-status"
+        assert resp.headers["Content-Length"] == str(len(body))
+        assert resp.headers["Content-Type"] == "application/json"
+        assert resp.headers["ETag"] == '"v1"'
+        assert await resp.read() == b""
+    # the connection is still in step: a GET on it right after gets the whole stale body
+    status, _, got = await get(http, proxy.url + "/c/listing")
+    assert (status, got) == (200, body)
+
+
+async def test_head_never_takes_a_get_entry_of_another_caller(proxy, upstream, http):
+    await prime(http, proxy, upstream, "/c/mine", body=b"carol's",
+                headers={"Cache-Control": "private, max-age=0"},
+                request_headers={"Authorization": "Bearer carol"})
+    upstream.default = Reply(status=503)
+    async with http.head(proxy.url + "/c/mine", headers={"Authorization": "Bearer dave"}) as resp:
+        assert resp.status == 503 and "X-Resilience-Fallback" not in resp.headers
+    async with http.head(proxy.url + "/c/mine", headers={"Authorization": "Bearer carol"}) as resp:
+        assert resp.status == 200 and resp.headers["Content-Length"] == "7"

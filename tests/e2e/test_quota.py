@@ -12,6 +12,7 @@ import pytest
 
 from tests.support.provider import MeteredProvider
 from tests.support.proxy import poll
+from tests.support.upstream import Reply
 
 CONFIG = """
 version: 1
@@ -270,3 +271,39 @@ async def test_a_huggingface_model_loading_503_is_retried_after_estimated_time(
         assert resp.headers["X-Resilience-Attempts"] == "2"
     waited = upstream.requests[2].at - upstream.requests[1].at
     assert waited >= 0.4  # estimated_time, not the 10 ms backoff
+
+
+FAILOVER_CONFIG = """
+version: 1
+listen: 127.0.0.1:{PORT}
+admin: {listen: 127.0.0.1:{ADMIN_PORT}}
+upstreams:
+  primary: {url: "{URL}", quota: {headers: generic}}
+  backup: {url: "{BACKUP}"}
+routes:
+  - name: fo
+    match: {path_prefix: /fo/}
+    upstream: primary
+    timeout: {total: 10s, per_try: 5s}
+    failover: {upstreams: [backup], on: [connect-failure, 5xx, quota]}
+"""
+
+
+async def test_a_spent_primary_is_skipped_for_the_next_target_at_no_cost(proxy_factory, upstream, http):
+    from tests.support.upstream import ScriptedUpstream
+
+    backup = await ScriptedUpstream().start()
+    try:
+        upstream.default = Reply(200, {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "30"}, b"primary")
+        backup.default = Reply(200, {}, b"backup")
+        proxy = await proxy_factory(FAILOVER_CONFIG, URL=upstream.url, BACKUP=backup.url)
+        async with http.get(f"{proxy.url}/fo/x") as resp:
+            assert await resp.read() == b"primary"
+        async with http.get(f"{proxy.url}/fo/x") as resp:
+            # the primary's quota is spent for 30 s: the backup answers at once, not in 30 s
+            assert await resp.read() == b"backup"
+            assert resp.headers["X-Resilience-Upstream"] == "backup"
+            assert resp.headers["X-Resilience-Attempts"] == "1"  # the refusal cost no attempt
+        assert len(upstream.requests) == 1 and len(backup.requests) == 1
+    finally:
+        await backup.close()

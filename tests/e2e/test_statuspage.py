@@ -621,3 +621,33 @@ async def test_upstream_quota_is_shown_per_upstream(browser: Browser, canned: An
     assert cell(dom.one("data-upstream", "gh"), "Quota") == "12 / 5,000 left, resets in 42s, 3 waiting"
     assert cell(dom.one("data-upstream", "hf"), "Quota") == "paused 60s"
     assert cell(dom.one("data-upstream", "api"), "Quota") == "—"
+
+
+async def test_a_failover_route_shows_each_targets_breaker_and_the_serving_one(
+    browser: Browser, canned: Any
+) -> None:
+    doc = copy.deepcopy(CANNED)
+    doc["routes"] = [
+        route(
+            "inference",
+            breaker("open", seconds_until_half_open=12.0),
+            upstream="hf",
+            serving="hf_mirror",
+            targets=[
+                {"upstream": "hf", "primary": True, "serving": False,
+                 "breaker": breaker("open"), "bulkhead": None},
+                {"upstream": "hf_mirror", "primary": False, "serving": True,
+                 "breaker": breaker("closed"), "bulkhead": None},
+                {"upstream": "backup", "primary": False, "serving": False,
+                 "breaker": None, "bulkhead": None},
+            ],
+        ),
+        route("plain", None),
+    ]
+    dom = await browser.dom(await canned(doc))
+    rows = {r.attrs["data-route"]: r for r in dom.by_attr("data-route")}
+    line = rows["inference"].one("data-field", "failover").text
+    assert line == (
+        "failover: hf (open) → ▶ hf_mirror (closed) → backup (no breaker) · serving hf_mirror"
+    )
+    assert rows["plain"].by_attr("data-field", "failover") == []

@@ -560,3 +560,18 @@ def test_the_open_event_reports_the_hold_the_server_asked_for() -> None:
     h.call(Attempt.response(503, retry_after=200.0))
     h.trip()
     assert h.events[-1].open_for == 200.0
+
+
+def test_admits_tells_what_acquire_would_answer_without_taking_a_permit() -> None:
+    h = Harness()
+    assert h.breaker.admits()
+    h.trip()
+    assert not h.breaker.admits()
+    h.clock.advance(60.0)
+    for _ in range(3):  # asking never uses up the half-open trial permits
+        assert h.breaker.admits()
+    first, second = h.breaker.acquire(), h.breaker.acquire()
+    assert first is not None and second is not None and first.trial and second.trial
+    assert not h.breaker.admits() and h.breaker.acquire() is None
+    h.breaker.force("forced_open")
+    assert not h.breaker.admits()
