@@ -435,6 +435,7 @@ class _Compiler:
             host=hostport,
             base_path=base_path,
             headers=self.injected_headers(path, spec),
+            missing_headers=self.missing_headers(path),
             forwarded_headers=_or(spec.forwarded_headers, default.forwarded_headers),
             connect_timeout=_or(spec.connect_timeout, default.connect_timeout),
             max_connections=_or(spec.max_connections, default.max_connections),
@@ -488,6 +489,11 @@ class _Compiler:
             shared=_or(given.shared, False),
             max_callers=_or(given.max_callers, 10_000),
         )
+
+    def missing_headers(self, path: Path) -> tuple[str, ...]:
+        """The injected headers left out because a ${VAR} in them expanded to empty."""
+        raw = self.doc.data["upstreams"][path[1]].get("headers") or {}
+        return tuple(name for name in raw if (*path, "headers", name) in self.doc.empty_vars)
 
     def injected_headers(self, path: Path, spec: UpstreamSpec) -> tuple[tuple[str, str], ...]:
         raw = self.doc.data["upstreams"][path[1]].get("headers") or {}

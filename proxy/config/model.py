@@ -96,6 +96,8 @@ class Upstream:
     tls: TlsSettings = TlsSettings()
     userinfo: tuple[str, str] | None = None  # from the URL; sent as Basic auth, never logged
     quota: QuotaPolicy | None = None
+    # Injected headers omitted because a ${VAR} in them expanded to empty (names as written)
+    missing_headers: tuple[str, ...] = ()
 
     @property
     def injects_credentials(self) -> bool:

@@ -24,12 +24,6 @@ class BreakerTransitioned:
 
 
 @dataclass(frozen=True, slots=True)
-class BreakerRejected:
-    route: str
-    upstream: str
-
-
-@dataclass(frozen=True, slots=True)
 class ConfigReloaded:
     result: str  # ok | error | unchanged
     trigger: str  # signal | admin | file-change | start
@@ -72,13 +66,7 @@ class FailedOver:
 
 
 Event = (
-    BreakerTransitioned
-    | BreakerRejected
-    | ConfigReloaded
-    | PgProbed
-    | PgStatusChanged
-    | RetryScheduled
-    | FailedOver
+    BreakerTransitioned | ConfigReloaded | PgProbed | PgStatusChanged | RetryScheduled | FailedOver
 )
 
 

@@ -101,11 +101,14 @@ class Breaker:
         self._consecutive = 0
         self._doublings = 0  # open_for = open_for_base * 2**doublings, capped
         self._opened_at = 0.0  # monotonic time the current open period began
+        self._opened_wall = 0.0  # the same as epoch seconds, fixed when it opened
         self._retry_after_until: float | None = None  # latest time a server asked us to wait
         self._trials: dict[int, float] = {}  # half-open trial token → start time
         self._trial_successes = 0
         self._next_token = 1
         self._permit = self._shared_permit()
+        self._trips = 0  # automatic trips (transitions into open) since start
+        self._last_trip = ""  # why it last opened (or "operator" when forced open)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -133,6 +136,26 @@ class Breaker:
             hold = max(hold, min(self._retry_after_until, cap))
         return hold
 
+    def reported_state(self) -> BreakerState:
+        """The state as metrics and `/status` show it (DESIGN §9): a breaker whose hold is
+        over reports `open` until a trial permit is actually granted, so a breaker nobody
+        calls stays `open` instead of turning `half_open` at the first look."""
+        self._poll(self._clock.now())
+        return self._reported()
+
+    def _reported(self) -> BreakerState:
+        state = self._state
+        if state is _S.HALF_OPEN and not self._trials and not self._trial_successes:
+            return _S.OPEN
+        return state
+
+    def opened_at_wall(self) -> float:
+        """Epoch seconds when the breaker last left closed (open, half_open or forced
+        open); 0.0 while closed, forced closed or disabled."""
+        if self._state not in (_S.OPEN, _S.HALF_OPEN, _S.FORCED_OPEN):
+            return 0.0
+        return self._opened_wall
+
     def retry_after(self) -> int:
         """Whole seconds (≥ 1) until the breaker may let a trial through: the Retry-After of
         a breaker-open rejection."""
@@ -153,9 +176,15 @@ class Breaker:
         now = self._clock.now()
         self._poll(now)
         window = self._window
-        until_half_open = max(0.0, self._hold_until() - now) if self._state is _S.OPEN else None
+        reported = self._reported()
+        until_half_open = None
+        if self._state is _S.OPEN:
+            until_half_open = max(0.0, self._hold_until() - now)
+        elif reported is _S.OPEN:
+            until_half_open = 0.0  # the hold is over: the next call gets a trial permit
+        opened = self.opened_at_wall()
         return {
-            "state": self._state.value,
+            "state": reported.value,
             "mode": self._policy.mode,
             "forced": self._operator,
             "failure_rate": window.failure_rate if window is not None else 0.0,
@@ -166,6 +195,9 @@ class Breaker:
             "seconds_until_half_open": until_half_open,
             "half_open_permits_in_use": len(self._trials),
             "half_open_successes": self._trial_successes,
+            "trips": self._trips,
+            "trip_reason": self._last_trip or None,
+            "opened_at": opened or None,
         }
 
     # -- the attempt path ----------------------------------------------------------------
@@ -451,6 +483,14 @@ class Breaker:
             self._clear()
         elif to is _S.OPEN:
             self._consecutive = 0
+            if reason != "restored":
+                self._trips += 1
+            self._last_trip = reason
+        elif to is _S.FORCED_OPEN:
+            self._opened_at = self._clock.now()
+            self._last_trip = reason
+        if to is _S.OPEN or to is _S.FORCED_OPEN:
+            self._opened_wall = self._opened_at + (self._clock.wall() - self._clock.now())
         self._permit = self._shared_permit()
         if self._emit is not None:
             self._emit(

@@ -144,11 +144,17 @@ def status_document(app: ProxyApp) -> dict[str, Any]:
     now = app.clock.now()
     store_stats = app.store.stats()
     per_route_cache = cast(dict[str, Any], store_stats.get("per_route") or {})
+    wall = app.clock.wall()
+    metrics = app.metrics
+    failures = app.registry.failures
     routes = []
     for rt in runtime.routes:
         route = rt.route
         state = rt.state
         recent = rt.metrics.recent
+        breaker_state = state.breaker.reported_state().value if state.breaker else None
+        last = failures.last(rt.name, route.upstream.name)
+        history = rt.metrics.history.snapshot(now, wall, breaker_state)
         bulkhead = _bulkhead_status(route, state.bulkhead)
         entry: dict[str, Any] = {}
         if rt.failover:
@@ -179,6 +185,16 @@ def status_document(app: ProxyApp) -> dict[str, Any]:
                 "last_minute": {name: c.total(now) for name, c in recent.items()},
                 "cache": per_route_cache.get(rt.name, {"entries": 0, "bytes": 0}),
                 **entry,
+                "outcomes": metrics.outcomes(rt.name),  # since start
+                "totals": metrics.totals(rt.name),  # retries and fallbacks since start
+                "latency_ms": history.pop("latency_ms"),  # p50/p99 over the last 15 minutes
+                "last_failure": (
+                    {"outcome": last.outcome, "cause": last.cause, "at": _iso(last.at)}
+                    if last is not None
+                    else None
+                ),
+                "history": history,
+                "quota": None,  # filled by the quota tracking (DESIGN §14) where known
             }
         )
     upstreams = []

@@ -24,7 +24,7 @@ from proxy.config import ConfigInvalid, load_config
 from proxy.config.model import Config
 from proxy.observe import log
 from proxy.observe.events import BreakerTransitioned, ConfigReloaded, EventBus
-from proxy.observe.metrics import Metrics
+from proxy.observe.metrics import Metrics, observe_unrouted
 from proxy.pgprobe import ProberSet
 from proxy.resilience.statefile import (
     breakers_state,
@@ -54,7 +54,7 @@ class ProxyApp:
         self.clock = clock
         self.rng = rng or system_rng()
         self.bus = EventBus()
-        self.metrics = Metrics()
+        self.metrics = Metrics(clock=clock)
         self.bus.subscribe(self.metrics.on_event)
         self.bus.subscribe(log.on_event)
         self.bus.subscribe(self._on_event)
@@ -89,6 +89,11 @@ class ProxyApp:
         self.active -= 1
         self.last_activity = self.clock.now()
 
+    def count_unparsed(self, status: int) -> None:
+        """A request the listener could not parse (400, 408, 431): counted with route "",
+        method OTHER (its method is unknown) and outcome rejected (DESIGN §9)."""
+        observe_unrouted(self.metrics, "OTHER", status, "rejected", 0.0)
+
     @property
     def config(self) -> Config:
         return self.runtime.config
@@ -101,6 +106,10 @@ class ProxyApp:
         live.config_hash = lambda: self.runtime.config.hash[:12]
         live.postgres = self.probers.snapshots
         live.quotas = self.registry.iter_quotas
+        live.credentials = lambda: (
+            (name, not upstream.missing_headers)
+            for name, upstream in self.runtime.config.upstreams.items()
+        )
 
     # -- start ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -111,6 +120,7 @@ class ProxyApp:
         self._server = ProxyServer(
             ProxyHandler(self),
             head_timeout=limits.client_header_timeout,
+            on_unparsed=self.count_unparsed,
             handler_cancellation=True,
             keepalive_timeout=limits.client_idle_timeout,
             max_line_size=limits.max_header_bytes,
@@ -134,6 +144,7 @@ class ProxyApp:
         if self.config_path is not None:
             self._spawn(self._watch_config())
         self.bus.emit(ConfigReloaded("ok", "start", config.hash))
+        warn_missing_credentials(config)
         log.info(
             "started",
             version=__version__,
@@ -191,6 +202,7 @@ class ProxyApp:
             log.set_secrets(config.secrets | current.secrets)
             await self.probers.apply(config.postgres)
             self.bus.emit(ConfigReloaded("ok", trigger, config.hash))
+            warn_missing_credentials(config)
             for note in notes:
                 log.warning("config_reload_partial", note=note)
             return "ok", notes
@@ -297,6 +309,20 @@ class ProxyApp:
             self._listener.close()
             self._listener = None
         await self.registry.close()
+
+
+def warn_missing_credentials(config: Config) -> None:
+    """One warning per injected header left out because its ${VAR} is empty: a missing
+    Secret would otherwise send calls unauthenticated with no signal. Names only, never a
+    value."""
+    for name, upstream in config.upstreams.items():
+        for header in upstream.missing_headers:
+            log.warning(
+                "upstream_credentials_missing",
+                upstream=name,
+                header=header,
+                message="a ${VAR} in this injected header is empty: the header is not sent",
+            )
 
 
 def _file_hash(path: str) -> str | None:

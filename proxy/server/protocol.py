@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web, web_protocol
@@ -65,6 +66,7 @@ class ProxyProtocol(web_protocol.RequestHandler):
         ):
             return
         message = "the request head arrived too slowly"
+        self._count_unparsed(408)
         transport.write(_raw_response(408, "Request Timeout", "client-timeout", message))
         self.force_close()
         transport.close()
@@ -76,6 +78,11 @@ class ProxyProtocol(web_protocol.RequestHandler):
             return await super().finish_response(request, resp, start_time)
         finally:
             self._in_request = False
+
+    def _count_unparsed(self, status: int) -> None:
+        server = self._manager
+        if isinstance(server, ProxyServer):
+            server.count_unparsed(status)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._head_timer is not None:
@@ -106,6 +113,8 @@ class ProxyProtocol(web_protocol.RequestHandler):
                 error=f"{type(exc).__name__}: {exc}" if exc else "unknown",
                 where=_where(exc),
             )
+        if status != 500:  # a request that could not be parsed: route "", outcome rejected
+            self._count_unparsed(status)
         response = web.Response(
             status=status,
             body=error_body(reason, "", text),
@@ -118,9 +127,22 @@ class ProxyProtocol(web_protocol.RequestHandler):
 class ProxyServer(web.Server):
     """`web.Server` that builds `ProxyProtocol` connections."""
 
-    def __init__(self, handler: Any, *, head_timeout: float, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        head_timeout: float,
+        on_unparsed: Callable[[int], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(handler, **kwargs)
         self._head_timeout = head_timeout
+        self._on_unparsed = on_unparsed
+
+    def count_unparsed(self, status: int) -> None:
+        """A request refused before it could be parsed (400, 408, 431): for the metrics."""
+        if self._on_unparsed is not None:
+            self._on_unparsed(status)
 
     def __call__(self) -> ProxyProtocol:
         return ProxyProtocol(self, loop=self._loop, head_timeout=self._head_timeout, **self._kwargs)

@@ -16,8 +16,9 @@ from typing import Protocol
 from proxy.cache import FallbackStore
 from proxy.clock import Clock, Rng
 from proxy.config.model import Config, RetryPolicy, Route, Upstream
+from proxy.observe.causes import FailureLog
 from proxy.observe.events import EventBus
-from proxy.observe.metrics import Metrics, RouteMetrics
+from proxy.observe.metrics import BreakerView, Metrics, RouteMetrics
 from proxy.resilience.breaker import Breaker
 from proxy.resilience.budget import RetryBudget
 from proxy.resilience.bulkhead import Bulkhead
@@ -110,6 +111,7 @@ class Registry:
         self.quotas: dict[str, QuotaState] = {}  # per upstream with `quota`
         self.buckets: dict[str, CallerBuckets] = {}  # per route with `rate_limit`
         self.state: FleetState | None = None  # the fleet state backend, when wired
+        self.failures = FailureLog(clock)
         self._retired: list[UpstreamClient] = []
         self._closers: set[asyncio.Task[None]] = set()
 
@@ -185,7 +187,15 @@ class Registry:
                 budget = self.budgets[route.name] = RetryBudget(route.retry.budget, self.clock)
             else:
                 budget.update_policy(route.retry.budget)
-        return RouteState(targets, budget, self.store, serving, self.buckets_for(route), self.state)
+        return RouteState(
+            targets,
+            budget,
+            self.store,
+            serving,
+            self.failures,
+            buckets=self.buckets_for(route),
+            shared=self.state,
+        )
 
     def prune(self, config: Config) -> None:
         """Drop the state of routes, targets and upstreams the new config no longer has."""
@@ -206,6 +216,8 @@ class Registry:
         metered = {u.name for r in config.routes for u in r.targets if u.quota is not None}
         for name in [n for n in self.quotas if n not in metered]:
             self.quotas.pop(name).close()
+        for name in {k[0] for k in self.failures.latest} - {r.name for r in config.routes}:
+            self.failures.forget_route(name)
         for name in [n for n in self.clients if n not in config.upstreams]:
             self._retire(self.clients.pop(name))
 
@@ -227,9 +239,10 @@ class Registry:
             await client.close()
         self.clients.clear()
 
-    def iter_breakers(self) -> Iterator[tuple[str, str, str]]:
+    def iter_breakers(self) -> Iterator[BreakerView]:
         for (route, upstream), breaker in self.breakers.items():
-            yield route, upstream, breaker.state
+            state = breaker.reported_state()
+            yield BreakerView(route, upstream, state.value, breaker.opened_at_wall())
 
     def iter_quotas(self) -> Iterator[tuple[str, dict[str, float | int | None]]]:
         now = self.clock.now()

@@ -4,6 +4,10 @@ The attempt deadline is `min(now + per_try, call.deadline)`: one timer per attem
 both the per-try and the total timeout; which one fired decides `total_timeout`. The timer
 is a bare `call_later` that cancels the task (what `asyncio.timeout` does, without its
 per-use bookkeeping): this runs once per proxied request.
+
+Every failed attempt (connect failure, reset, timeout, a 5xx or 429) is reported to the
+`FailureLog` with its cause (`ECONNREFUSED`, `timeout after 2.00s`, `status 503`), which
+logs it at most once per route, upstream and cause per 10 s.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from proxy.clock import Clock
 from proxy.config.model import Route
+from proxy.observe.causes import FailureLog, cause_of
 from proxy.resilience.backoff import server_wait
 from proxy.resilience.classify import Attempt, AttemptResult
 from proxy.stages.call import Call, Result, Stage
@@ -30,7 +35,19 @@ class AttemptStage(Stage):
     `call.headers`; another target of a failover route swaps the primary's base path for
     its own and builds its own headers (its Host, its injected credentials)."""
 
-    __slots__ = ("base", "client", "clock", "cut", "index", "per_try", "plan")
+    __slots__ = (
+        "base",
+        "client",
+        "clock",
+        "connect_timeout",
+        "cut",
+        "failures",
+        "index",
+        "per_try",
+        "plan",
+        "route",
+        "upstream",
+    )
 
     def __init__(
         self,
@@ -39,6 +56,7 @@ class AttemptStage(Stage):
         clock: Clock,
         index: int = 0,
         plan: HeaderPlan | None = None,
+        failures: FailureLog | None = None,
     ) -> None:
         super().__init__(None)
         self.client = client
@@ -49,6 +67,11 @@ class AttemptStage(Stage):
         # path_qs is primary.base_path + "/" + rest: this target's path replaces the base.
         self.cut = len(route.upstream.base_path)
         self.base = route.targets[index].base_path
+        self.failures = failures
+        self.route = route.name
+        target = route.targets[index]
+        self.upstream = target.name
+        self.connect_timeout = target.connect_timeout
 
     async def __call__(self, call: Call) -> Result:
         clock = self.clock
@@ -81,10 +104,17 @@ class AttemptStage(Stage):
         except asyncio.CancelledError:
             if cutoff is None or not cutoff.fired or cutoff.task.uncancel() > 0:
                 raise  # the client went away (or both happened): propagate
+            if self.failures is not None:
+                self.failures.failed(
+                    self.route, self.upstream, "timeout", f"timeout after {limit:.2f}s"
+                )
             return _failed(call, "timeout", clock.now() - start, False, total_bound, self.index)
         except UpstreamFailure as exc:
             if call.body.client_error is not None:
                 raise call.body.client_error from None
+            if self.failures is not None:
+                cause = cause_of(exc, self.connect_timeout)
+                self.failures.failed(self.route, self.upstream, exc.kind, cause)
             duration = clock.now() - start
             return _failed(call, exc.kind, duration, exc.before_request, False, self.index)
         finally:
@@ -98,6 +128,8 @@ class AttemptStage(Stage):
             wait = server_wait(status, response.headers, clock.wall())
         attempt = Attempt.response(status, duration, wait)
         call.record.attempts.append((attempt.result, duration, self.index))
+        if attempt.result is AttemptResult.STATUS and self.failures is not None:
+            self.failures.failed(self.route, self.upstream, "status", f"status {status}")
         result = Result(response)
         result.attempt = attempt
         return result

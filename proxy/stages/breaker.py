@@ -23,6 +23,7 @@ class BreakerStage(Stage):
         breaker = self.breaker
         permit = breaker.acquire()
         if permit is None:
+            call.record.breaker_rejected += 1
             return Result(failure="breaker-open", retry_after=breaker.retry_after())
         try:
             assert self.next is not None

@@ -24,6 +24,7 @@ class BulkheadStage(Stage):
         bulkhead = self.bulkhead
         time_left = None if call.deadline is None else call.deadline - self.clock.now()
         if not await bulkhead.acquire(time_left):
+            call.record.bulkhead_rejected += 1
             return Result(failure="bulkhead-full")
         try:
             assert self.next is not None

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from proxy.cache import FallbackStore
 from proxy.clock import Clock, Rng
 from proxy.config.model import Route, Upstream
+from proxy.observe.causes import FailureLog
 from proxy.observe.events import EventBus
 from proxy.resilience.breaker import Breaker
 from proxy.resilience.budget import RetryBudget
@@ -61,8 +62,6 @@ class RouteState:
     budget: RetryBudget | None
     store: FallbackStore
     serving: Serving
-    buckets: CallerBuckets | None = None  # the route's local rate-limit buckets
-    shared: SharedBuckets | None = None  # the fleet state backend, for shared: true
 
     @property
     def client(self) -> UpstreamClient:
@@ -75,6 +74,10 @@ class RouteState:
     @property
     def bulkhead(self) -> Bulkhead | None:
         return self.targets[0].bulkhead
+
+    failures: FailureLog | None = None  # failure causes: rate-limited warnings, last cause
+    buckets: CallerBuckets | None = None  # the route's local rate-limit buckets
+    shared: SharedBuckets | None = None  # the fleet state backend, for shared: true
 
 
 # Each entry: (name, builder returning the wrapped stage, or None when the route does not
@@ -161,11 +164,15 @@ ORDER: tuple[str, ...] = (
 
 
 def build_target(
-    route: Route, index: int, target: TargetState, clock: Clock
+    route: Route,
+    index: int,
+    target: TargetState,
+    clock: Clock,
+    failures: FailureLog | None = None,
 ) -> tuple[Stage, tuple[str, ...]]:
     """One target's chain: the enabled target stages folded around its attempt stage."""
     plan = HeaderPlan.for_upstream(target.upstream) if index else None
-    stage: Stage = AttemptStage(route, target.client, clock, index, plan)
+    stage: Stage = AttemptStage(route, target.client, clock, index, plan, failures)
     names = ["attempt"]
     for name, build in reversed(TARGET_ORDER):
         wrapped = build(stage, route, target, clock)
@@ -179,7 +186,7 @@ def build_pipeline(
     route: Route, state: RouteState, clock: Clock, rng: Rng, bus: EventBus
 ) -> tuple[Stage, tuple[str, ...]]:
     """Fold the enabled stages around the target chain(s); return it and the stage names."""
-    chains = [build_target(route, i, t, clock) for i, t in enumerate(state.targets)]
+    chains = [build_target(route, i, t, clock, state.failures) for i, t in enumerate(state.targets)]
     stage, target_names = chains[0]
     names = list(reversed(target_names))
     if route.failover is not None and len(chains) > 1:

@@ -34,6 +34,7 @@ DESIGN_METRICS: dict[str, str] = {
     "retry_calls_total": "counter",
     "retry_budget_exhausted_total": "counter",
     "breaker_state": "gauge",
+    "breaker_opened_timestamp_seconds": "gauge",
     "breaker_transitions_total": "counter",
     "breaker_rejected_total": "counter",
     "bulkhead_in_flight": "gauge",
@@ -49,18 +50,31 @@ DESIGN_METRICS: dict[str, str] = {
     "cache_evictions_total": "counter",
     "config_reloads_total": "counter",
     "config_info": "gauge",
+    "config_last_reload_success": "gauge",
+    "config_last_reload_timestamp_seconds": "gauge",
+    "upstream_credentials_present": "gauge",
+    "build_info": "gauge",
+    "state_backend_up": "gauge",
     "pg_up": "gauge",
     "pg_status": "gauge",
     "pg_pool_connections": "gauge",
     "pg_pool_size": "gauge",
     "pg_pool_max_size": "gauge",
     "pg_server_connections": "gauge",
+    "pg_server_utilization_ratio": "gauge",
     "pg_server_utilization": "gauge",
+    "pg_agent_pool_size": "gauge",
+    "pg_agent_pool_used": "gauge",
+    "pg_agent_pool_idle": "gauge",
     "pg_probe_duration_seconds": "histogram",
     "pg_probe_failures_total": "counter",
     "pg_consecutive_failures": "gauge",
 }
 PREFIX = "resilience_proxy_"
+# Exported for one more release under the old name; dashboards and alerts must not use it.
+DEPRECATED_METRICS = {"pg_server_utilization": "pg_server_utilization_ratio"}
+# Exported only where configured: the fleet state backend (`state: {backend: redis}`).
+CONDITIONAL_METRICS = {"state_backend_up"}
 
 
 def design_series_names() -> dict[str, str]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.support.metrics import scrape, value
 from tests.support.proxy import free_port, poll, render
 from tests.support.upstream import Reply, ScriptedUpstream
 
@@ -63,6 +64,8 @@ async def test_breaker_opens_rejects_fast_then_closes_after_a_trial(proxy, upstr
         async with http.get(proxy.url + "/g/x") as resp:
             assert resp.status == 500
     seen = len(upstream.requests)
+    rejected = 'resilience_proxy_breaker_rejected_total'
+    before = value(await scrape(http, proxy.admin), rejected, route="guarded", upstream="u")
     started = time.monotonic()
     for _ in range(20):
         async with http.get(proxy.url + "/g/x") as resp:
@@ -72,6 +75,8 @@ async def test_breaker_opens_rejects_fast_then_closes_after_a_trial(proxy, upstr
             assert (await resp.json())["error"]["reason"] == "breaker-open"
     assert time.monotonic() - started < 0.5  # fast: no upstream I/O
     assert len(upstream.requests) == seen
+    after = value(await scrape(http, proxy.admin), rejected, route="guarded", upstream="u")
+    assert after - before == 20  # one per breaker-open answer
     assert (await _status(http, proxy, "guarded"))["breaker"]["state"] == "open"
 
     upstream.default = Reply(status=200, body=b"healthy again")

@@ -528,9 +528,21 @@ def free_port() -> int:
         return port
 
 
+@dataclass
+class Served:
+    admin: str
+    url: str  # the proxy listener
+
+
 @pytest.fixture
-async def real_proxy(tmp_path: Path) -> AsyncIterator[str]:
-    """`python -m proxy run` on free ports; yields the admin URL; SIGTERM on teardown."""
+async def real_proxy(served: Served) -> str:
+    """The admin URL of `served`."""
+    return served.admin
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[Served]:
+    """`python -m proxy run` on free ports; yields its URLs; SIGTERM on teardown."""
     port, admin_port = free_port(), free_port()
     config = tmp_path / "proxy.yaml"
     config.write_text(
@@ -565,7 +577,7 @@ async def real_proxy(tmp_path: Path) -> AsyncIterator[str]:
             raise AssertionError(
                 f"the proxy exited {proc.returncode}: {stderr.read_text()[-3000:]}"
             )
-        yield admin
+        yield Served(admin, f"http://127.0.0.1:{port}")
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
@@ -651,3 +663,129 @@ async def test_a_failover_route_shows_each_targets_breaker_and_the_serving_one(
         "failover: hf (open) → ▶ hf_mirror (closed) → backup (no breaker) · serving hf_mirror"
     )
     assert rows["plain"].by_attr("data-field", "failover") == []
+
+
+# -- during an outage ------------------------------------------------------------------------
+
+
+def history(n: int = 90, breaker: bool = True, **failures: list[int]) -> dict[str, Any]:
+    """A canned 15-minute history: 10 requests per slot, p50 20 ms and p99 180 ms, the
+    breaker (if any) closed until the last 12 slots."""
+    return {
+        "slot_seconds": 10.0,
+        "end": 1735787045.0,
+        "requests": [10] * n,
+        "failures": failures,
+        "p50_ms": [20.0] * (n - 1) + [None],
+        "p99_ms": [180.0] * (n - 1) + [None],
+        "breaker": ["closed"] * (n - 12) + ["open"] * 12 if breaker else None,
+    }
+
+
+OUTAGE = copy.deepcopy(CANNED)
+OUTAGE["routes"] = [
+    route(
+        "huggingface",
+        breaker(
+            "open", seconds_until_half_open=12.0, trips=3, trip_reason="consecutive-failures",
+            opened_at=1735787000.0,
+        ),
+        outcomes={"ok": 795, "timeout": 105, "breaker-open": 40},
+        totals={"retries": 17, "fallbacks_stale": 4, "fallbacks_static": 0},
+        latency_ms={"p50": 20.0, "p99": 180.0},
+        last_failure={
+            "outcome": "connect-failure",
+            "cause": "CERTIFICATE_VERIFY_FAILED: " + XSS,
+            "at": "2025-01-02T03:04:00+00:00",
+        },
+        history=history(timeout=[0] * 80 + [5] * 10, **{"breaker-open": [0] * 86 + [10] * 4}),
+        quota={"remaining": 12, "limit": 5000, "reset_seconds": 90.0},
+    ),
+    route("plain", None, outcomes={"ok": 3}, history=history(breaker=False)),
+]  # fmt: skip
+
+
+def plot(row: Node, kind: str) -> Node:
+    return row.one("data-plot", kind)
+
+
+async def test_an_open_breaker_says_why_and_the_plots_show_the_outage(
+    browser: Browser, canned: Any
+) -> None:
+    dom = await browser.dom(await canned(OUTAGE))
+    rows = {r.attrs["data-route"]: r for r in dom.by_attr("data-route")}
+    assert list(rows) == ["huggingface", "plain"]  # the detail rows are not route rows
+    hf = rows["huggingface"]
+    breaker_text = cell(hf, "Breaker")
+    assert "tripped: consecutive failures" in breaker_text
+    assert hf.one("data-field", "opened_at").text.startswith("opened 2025-01-0")
+    assert "3 trips since start" in breaker_text
+    assert XSS in hf.one("data-field", "last_cause").text  # as text, never markup
+    assert "0 calls" not in cell(hf, "Failure rate")
+    assert "not recording while open" in cell(hf, "Failure rate")
+
+    detail = dom.one("data-route-detail", "huggingface")
+    outcomes = {o.attrs["data-outcome"]: o.text for o in detail.one("data-field", "outcomes")
+                .by_attr("data-outcome")}  # fmt: skip
+    assert outcomes == {"ok": "ok 795", "timeout": "timeout 105", "breaker-open": "breaker-open 40"}
+    assert detail.one("data-field", "latency").text == "Latency p50 20 ms · p99 180 ms (15 min)"
+    assert "17 retries · 4 stale, 0 static fallbacks" in detail.one("data-field", "totals").text
+    assert detail.one("data-field", "quota").text == "Quota 12 / 5,000 left, resets in 1 min 30 s"
+    assert "CERTIFICATE_VERIFY_FAILED" in detail.one("data-field", "last_failure").text
+
+    requests = plot(detail, "requests")
+    assert len(requests.by_tag("rect")) == 90 and "900 · peak 10/10 s" in requests.text
+    failures = plot(detail, "failures")
+    drawn = [r.attrs["data-outcome"] for r in failures.by_tag("rect")]
+    assert drawn.count("timeout") == 10 and drawn.count("breaker-open") == 4
+    assert "timeout 50" in failures.text and "breaker-open 40" in failures.text
+    lines = {p.attrs["data-series"]: p for p in plot(detail, "latency").by_tag("polyline")}
+    assert set(lines) == {"p50", "p99"} and len(lines["p50"].attrs["points"].split()) == 89
+    timeline = [(r.attrs["data-state"], r.attrs["data-slots"])
+                for r in plot(detail, "breaker").by_tag("rect")]  # fmt: skip
+    assert timeline == [("closed", "78"), ("open", "12")]
+    # A route without a breaker has no timeline; nothing in the page became markup.
+    assert dom.one("data-route-detail", "plain").by_attr("data-plot", "breaker") == []
+    body = dom.by_tag("body")[0]
+    assert body.by_tag("img") == [] and len(body.by_tag("script")) == 1
+
+    url = await canned(OUTAGE)
+    assert_png(await browser.screenshot(url, "statuspage-outage-desktop.png", DESKTOP), DESKTOP)
+    assert_png(await browser.screenshot(url, "statuspage-outage-phone.png", PHONE), PHONE)
+
+
+async def test_real_proxy_page_during_an_outage(browser: Browser, served: Served) -> None:
+    """The upstream's port is closed: three refused connections trip the github breaker;
+    the page shows the trip, the cause, the failures and the breaker timeline."""
+    async with aiohttp.ClientSession() as http:
+        for _ in range(3):
+            async with http.get(served.url + "/github/repos") as resp:
+                assert resp.status == 502
+        for _ in range(2):
+            async with http.get(served.url + "/github/repos") as resp:
+                assert resp.status == 503
+                assert resp.headers["X-Resilience-Reason"] == "breaker-open"
+        async with http.get(served.admin + "/status") as resp:
+            doc = json.loads(await resp.text())
+    github = next(r for r in doc["routes"] if r["name"] == "github")
+    assert github["breaker"]["state"] == "open"
+    assert github["breaker"]["trip_reason"] == "consecutive-failures"
+    assert github["last_failure"]["cause"] == "ECONNREFUSED"
+    assert github["outcomes"] == {"connect-failure": 3, "breaker-open": 2}
+
+    dom = await browser.dom(served.admin + "/")
+    row = {r.attrs["data-route"]: r for r in dom.by_attr("data-route")}["github"]
+    assert row.by_class("badge")[0].attrs["data-state"] == "open"
+    assert "tripped: consecutive failures" in cell(row, "Breaker")
+    assert "1 trip since start" in cell(row, "Breaker")
+    assert row.one("data-field", "last_cause").text == "last error: ECONNREFUSED"
+    detail = dom.one("data-route-detail", "github")
+    drawn = {r.attrs["data-outcome"] for r in plot(detail, "failures").by_tag("rect")}
+    assert drawn == {"connect-failure", "breaker-open"}
+    runs = [(r.attrs["data-state"], int(r.attrs["data-slots"]))
+            for r in plot(detail, "breaker").by_tag("rect")]  # fmt: skip
+    assert runs[-1][0] == "open" and sum(n for _, n in runs) == 90
+    assert "connect-failure 3" in detail.one("data-field", "outcomes").text
+    assert_png(
+        await browser.screenshot(served.admin + "/", "statuspage-outage-real.png", DESKTOP), DESKTOP
+    )
