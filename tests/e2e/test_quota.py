@@ -12,7 +12,7 @@ import pytest
 
 from tests.support.provider import MeteredProvider
 from tests.support.proxy import poll
-from tests.support.upstream import Reply
+from tests.support.upstream import Reply, ScriptedUpstream
 
 CONFIG = """
 version: 1
@@ -137,8 +137,6 @@ async def test_a_quota_refusal_serves_the_stored_fallback_when_fallback_on_lists
 async def test_an_upstream_refusal_is_counted_as_source_upstream(proxy_factory, upstream, http):
     proxy = await proxy_factory(CONFIG, URL=upstream.url, KIND="generic", RESERVE=0)
     assert await metric(http, proxy, "resilience_proxy_rate_limited_total", route="api", source="upstream") == 0
-    from tests.support.upstream import Reply
-
     upstream.push(Reply(429, {"Retry-After": "1"}, b"slow down"))
     async with http.get(f"{proxy.url}/api/x", headers={"X-Resilience-Timeout-Ms": "500"}) as resp:
         assert resp.status == 429
@@ -234,8 +232,6 @@ SECONDARY = b'{"message": "You have exceeded a secondary rate limit. Please wait
 
 
 async def test_a_github_secondary_limit_pauses_only_that_credential(proxy_factory, upstream, http):
-    from tests.support.upstream import Reply
-
     proxy = await proxy_factory(PROVIDER_CONFIG, URL=upstream.url)
     upstream.push(Reply(403, {"content-type": "application/json", "x-ratelimit-remaining": "4999"}, SECONDARY))
     alice = {"Authorization": "token alice"}
@@ -256,8 +252,6 @@ async def test_a_github_secondary_limit_pauses_only_that_credential(proxy_factor
 async def test_a_huggingface_model_loading_503_is_retried_after_estimated_time(
     proxy_factory, upstream, http
 ):
-    from tests.support.upstream import Reply
-
     proxy = await proxy_factory(PROVIDER_CONFIG, URL=upstream.url)
     loading = Reply(503, {"content-type": "application/json"}, b'{"error": "Model x is currently loading", "estimated_time": 0.4}')
     upstream.push(loading)
@@ -290,8 +284,6 @@ routes:
 
 
 async def test_a_spent_primary_is_skipped_for_the_next_target_at_no_cost(proxy_factory, upstream, http):
-    from tests.support.upstream import ScriptedUpstream
-
     backup = await ScriptedUpstream().start()
     try:
         upstream.default = Reply(200, {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "30"}, b"primary")
