@@ -235,6 +235,8 @@ class Registry:
     async def close(self) -> None:
         for task in list(self._closers):
             task.cancel()
+        for quota in self.quotas.values():
+            quota.close()  # no quota waiter or snapshot writer outlives the app
         for client in list(self.clients.values()):
             await client.close()
         self.clients.clear()

@@ -61,6 +61,7 @@ class QuotaState:
         self._gates: dict[GateKey, deque[tuple[float, asyncio.Future[None]]]] = {}
         self._tasks: dict[GateKey, asyncio.Task[None]] = {}
         self.queued = 0
+        self.closed = False
         # Fleet sharing (DESIGN §15): snapshots of the shared partition (no client
         # credentials of its own: every sidecar meters the same injected token) are
         # published on change and read when unknown or older than REFRESH.
@@ -162,8 +163,11 @@ class QuotaState:
             return None
         return partition_of(self._secret, headers, (), self._credentials)
 
-    async def wait(self, key: GateKey, until: float) -> None:
-        """Wait, in FIFO order with the others of this partition and resource, until `until`."""
+    async def wait(self, key: GateKey, until: float) -> bool:
+        """Wait, in FIFO order with the others of this partition and resource, until `until`;
+        False when the state was closed meanwhile (the upstream's quota went with a reload)."""
+        if self.closed:
+            return False
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         gate = self._gates.get(key)
         if gate is None:
@@ -184,6 +188,7 @@ class QuotaState:
                 gate.remove(entry)
             except ValueError:
                 pass  # already released
+        return not self.closed
 
     async def _release(self, key: GateKey) -> None:
         gate = self._gates[key]
@@ -205,7 +210,8 @@ class QuotaState:
                 self._gates.pop(key, None)
 
     def close(self) -> None:
-        """The upstream's quota was removed: let every waiter go on (it re-checks nothing)."""
+        """The upstream's quota was removed (or the app stops): every waiter is let go."""
+        self.closed = True
         for task in self._tasks.values():
             task.cancel()
         if self._flusher is not None:
@@ -253,7 +259,9 @@ class QuotaStage(Stage):
             ):
                 call.record.rate_limited = "quota"
                 return Result(failure="quota", retry_after=wait)
-            await state.wait((partition, resource), now + wait)
+            if not await state.wait((partition, resource), now + wait):
+                call.record.rate_limited = "quota"
+                return Result(failure="quota", retry_after=max(0.0, now + wait - clock.now()))
         assert self.next is not None
         result = await self.next(call)
         response = result.response

@@ -302,3 +302,18 @@ async def test_callers_own_credentials_are_never_shared():
     await stage(make_call(headers={"Authorization": "token alice"}, deadline=100.0))
     await settle()
     assert board.entries == {} and board.gets == 0
+
+
+async def test_closing_the_state_lets_waiters_go_with_a_refusal():
+    clock = FakeClock(start=0.0)
+    stage, inner, state = stage_for(
+        clock, lambda n, c: Response(200, {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "30"})
+    )
+    await stage(make_call(deadline=100.0))
+    waiting = asyncio.create_task(stage(make_call(deadline=100.0)))
+    await settle()
+    assert state.queued == 1
+    state.close()  # the upstream's quota went with a reload, or the app stops
+    result = await asyncio.wait_for(waiting, 1)
+    assert result.failure == "quota" and len(inner.sent) == 1
+    assert state.queued == 0
