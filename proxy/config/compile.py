@@ -376,6 +376,21 @@ class _Compiler:
             client_idle_timeout=_or(limits.client_idle_timeout, default.client_idle_timeout),
         )
 
+    def state(self, spec: StateSpec | None) -> StateSettings:
+        """The fleet state backend; its URL's password joins the secrets."""
+        default, given = StateSettings(), spec or StateSpec()
+        backend = _or(given.backend, default.backend)
+        if backend == "redis" and not given.url:
+            self.problem(("state", "url"), "required with backend: redis")
+        if given.url:
+            self.secrets.update(display_dsn(given.url)[1])  # user:password@ and ?password=
+        return StateSettings(
+            backend=backend,
+            url=given.url or None,
+            key_prefix=_or(given.key_prefix, default.key_prefix).strip(),
+            timeout=_or(given.timeout, default.timeout),
+        )
+
     def state_file(self, value: str | bool | None) -> str | None:
         """Explicit path; else `$XDG_STATE_HOME/resilience-proxy/state.json`; `false`: off."""
         if value is False:
@@ -453,22 +468,6 @@ class _Compiler:
             headers=_or(given.headers, default.headers),
             reserve=_or(given.reserve, default.reserve),
             max_queued=_or(given.max_queued, default.max_queued),
-        )
-
-    def state(self, spec: StateSpec | None) -> StateSettings:
-        default, given = StateSettings(), spec or StateSpec()
-        backend = _or(given.backend, default.backend)
-        if backend == "redis" and not given.url:
-            self.problem(("state", "url"), "required with backend: redis")
-        if given.url:
-            parts = urlsplit(given.url)
-            if parts.password:
-                self.secrets.add(unquote(parts.password))
-        return StateSettings(
-            backend=backend,
-            url=given.url,
-            key_prefix=_or(given.key_prefix, default.key_prefix),
-            timeout=_or(given.timeout, default.timeout),
         )
 
     def rate_limit(self, spec: RateLimitSpec | bool | None, at: _Origin) -> RateLimitPolicy | None:
@@ -691,6 +690,7 @@ class _Compiler:
             half_open_calls=_or(spec.half_open_calls, default.half_open_calls),
             half_open_max_wait=_or(spec.half_open_max_wait, default.half_open_max_wait),
             mode=_or(spec.mode, default.mode),
+            share=_or(spec.share, default.share),
         )
 
     def bulkhead(self, spec: BulkheadSpec) -> BulkheadPolicy:
@@ -840,7 +840,7 @@ def effective_tree(config: Config, policies: Sequence[str | None] = ()) -> dict[
         "state_file": config.state_file,
         "state": {
             "backend": config.state.backend,
-            "url": None if config.state.url is None else _redis_display(config.state.url),
+            "url": display_dsn(config.state.url)[0] if config.state.url else None,
             "key_prefix": config.state.key_prefix,
             "timeout": config.state.timeout,
         },
@@ -868,17 +868,6 @@ def _upstream_tree(upstream: Upstream) -> dict[str, Any]:
     if upstream.quota is not None:
         tree["quota"] = asdict(upstream.quota)
     return tree
-
-
-def _redis_display(url: str) -> str:
-    """A Redis URL without its password (`redis://:<redacted>@host`)."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, hostpart = rest.rpartition("@")
-    if at and ":" in userinfo:
-        return f"{scheme}{sep}{userinfo.partition(':')[0]}:{REDACTED}@{hostpart}"
-    if at and userinfo:
-        return f"{scheme}{sep}{REDACTED}@{hostpart}"
-    return url
 
 
 def _route_tree(route: Route, policy: str | None) -> dict[str, Any]:
@@ -918,6 +907,7 @@ def _route_tree(route: Route, policy: str | None) -> dict[str, Any]:
             "half_open_calls": breaker.half_open_calls,
             "half_open_max_wait": breaker.half_open_max_wait,
             "mode": breaker.mode,
+            "share": breaker.share,
         },
         "bulkhead": asdict(route.bulkhead) if route.bulkhead else None,
         "rate_limit": None

@@ -15,6 +15,7 @@ from typing import Literal
 Jitter = Literal["full", "equal", "none"]
 BreakerMode = Literal["enforce", "observe", "disabled"]
 Readiness = Literal["ignore", "fail_on_critical"]
+StateBackendKind = Literal["local", "redis"]
 
 # Outcome conditions that are not HTTP statuses, spelled as in the YAML and metric labels.
 CONNECT_FAILURE = "connect-failure"
@@ -25,7 +26,6 @@ BULKHEAD_FULL = "bulkhead-full"
 QUOTA = "quota"
 RATE_LIMITED = "rate-limited"
 QuotaHeaders = Literal["github", "cloudinary", "huggingface", "ietf", "generic"]
-StateBackendKind = Literal["local", "redis"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +183,7 @@ class BreakerPolicy:
     half_open_calls: int = 3
     half_open_max_wait: float = 30.0
     mode: BreakerMode = "enforce"
+    share: bool = False  # publish trips to, and take trips from, the fleet (DESIGN §15)
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,19 +302,20 @@ class AdminSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheSettings:
+    max_bytes: int = 64 * 1024 * 1024
+    max_entry_bytes: int = 2 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
 class StateSettings:
-    """`state` (DESIGN §15): where shared rate limits and quota snapshots live."""
+    """`state` (DESIGN §15): where shared rate limits, quota snapshots and shared breaker
+    trips live."""
 
     backend: StateBackendKind = "local"
     url: str | None = None  # redis://...; may hold a password: never log it
     key_prefix: str = "resilience-proxy"
-    timeout: float = 0.05
-
-
-@dataclass(frozen=True, slots=True)
-class CacheSettings:
-    max_bytes: int = 64 * 1024 * 1024
-    max_entry_bytes: int = 2 * 1024 * 1024
+    timeout: float = 0.05  # seconds: bounds every Redis call, its connect included
 
 
 @dataclass(frozen=True, slots=True)

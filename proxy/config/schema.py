@@ -352,6 +352,18 @@ Version = Annotated[int, AfterValidator(_check_version), WithJsonSchema({"const"
 Text = Annotated[str, AfterValidator(_check_not_blank)]
 
 
+def _check_redis_url(value: str) -> str:
+    # Never quoted back: a Redis URL may carry a password. Empty is allowed here (a
+    # `${REDIS_URL:-}` with `backend: local`); `backend: redis` needs one (compile time).
+    scheme = value.strip().partition("://")[0].lower()
+    if value.strip() and (scheme not in ("redis", "rediss", "unix") or "://" not in value):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")  # may hold a password
+    return value.strip()
+
+
+RedisUrl = Annotated[str, AfterValidator(_check_redis_url), _text_schema()]
+
+
 # --- `false` / `true` / a block ------------------------------------------------------------
 
 # Tags that pydantic inserts into error locations for these unions; not part of the key path.
@@ -491,6 +503,8 @@ class BreakerSpec(Spec):
     """A trial still running after this counts as failed (default 30s)."""
     mode: Literal["enforce", "observe", "disabled"] | None = None
     """enforce; observe (record, never reject); disabled (default enforce)."""
+    share: bool | None = None
+    """Publish trips to the fleet and open on peers' trips (needs state.backend: redis)."""
 
 
 class BulkheadSpec(Spec):
@@ -650,30 +664,21 @@ class ShutdownSpec(Spec):
     drain_timeout: Duration | None = None
 
 
-def _check_redis_url(value: str) -> str:
-    scheme = value.strip().partition("://")[0].lower()
-    if scheme not in ("redis", "rediss", "unix") or "://" not in value:
-        raise ValueError("must be a redis://, rediss:// or unix:// URL")  # may hold a password
-    return value.strip()
-
-
-RedisUrl = Annotated[str, AfterValidator(_check_redis_url), _text_schema()]
+class CacheSpec(Spec):
+    max_bytes: Size | None = None
+    max_entry_bytes: Size | None = None
 
 
 class StateSpec(Spec):
     backend: Literal["local", "redis"] | None = None
-    """local (default): each sidecar on its own; redis: shared limits and quota snapshots."""
+    """local (default): each sidecar on its own; redis: shared limits, quota snapshots and
+    (breaker.share) breaker trips."""
     url: RedisUrl | None = None
     """redis://[:password@]host:port/db (required with backend redis)."""
     key_prefix: Text | None = None
-    """Prefix of every key (default resilience-proxy)."""
+    """Prefix of every key and channel (default resilience-proxy)."""
     timeout: PositiveDuration | None = None
-    """Socket timeout of each Redis command (default 50ms)."""
-
-
-class CacheSpec(Spec):
-    max_bytes: Size | None = None
-    max_entry_bytes: Size | None = None
+    """Bounds each Redis call, its connect included (default 50ms)."""
 
 
 class PgPoolSpec(Spec):

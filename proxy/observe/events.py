@@ -56,6 +56,25 @@ class RetryScheduled:
 
 
 @dataclass(frozen=True, slots=True)
+class StateBackendChanged:
+    """The fleet state backend became reachable (`up`) or stopped being so (DESIGN §15)."""
+
+    backend: str  # local | redis
+    up: bool
+    where: str = ""  # the backend's address, password redacted
+    error: str = ""  # the error class that took it down (never a message with a URL)
+    peers: int = 1  # live sidecars last seen: shared limits are enforced at rps ÷ peers
+
+
+@dataclass(frozen=True, slots=True)
+class StateBackendErrored:
+    """One failed (or timed-out) call to the state backend; the request went on regardless."""
+
+    backend: str
+    op: str  # take | heartbeat | put-quota | get-quota | publish-trip | subscribe | probe
+
+
+@dataclass(frozen=True, slots=True)
 class FailedOver:
     """An attempt of a request went to another target than the one before (DESIGN §16)."""
 
@@ -66,7 +85,14 @@ class FailedOver:
 
 
 Event = (
-    BreakerTransitioned | ConfigReloaded | PgProbed | PgStatusChanged | RetryScheduled | FailedOver
+    BreakerTransitioned
+    | ConfigReloaded
+    | PgProbed
+    | PgStatusChanged
+    | RetryScheduled
+    | FailedOver
+    | StateBackendChanged
+    | StateBackendErrored
 )
 
 

@@ -20,6 +20,7 @@ from proxy.observe.events import (
     FailedOver,
     PgStatusChanged,
     RetryScheduled,
+    StateBackendChanged,
 )
 
 LOGGER_NAME = "resilience_proxy"
@@ -129,6 +130,19 @@ def on_event(event: Event) -> None:
             to_status=event.to_status,
             reason=event.reason,
         )
+    elif isinstance(event, StateBackendChanged):
+        if event.up:
+            emit(logging.INFO, "state_backend_up", backend=event.backend, where=event.where)
+        else:
+            emit(
+                logging.WARNING,
+                "state_backend_down",
+                backend=event.backend,
+                where=event.where,
+                error=event.error,
+                peers=event.peers,
+                note="shared limits enforced locally at rps / peers until it returns",
+            )
     elif isinstance(event, RetryScheduled):
         emit(
             logging.INFO,

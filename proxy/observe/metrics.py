@@ -48,6 +48,8 @@ from proxy.observe.events import (
     Event,
     FailedOver,
     PgProbed,
+    StateBackendChanged,
+    StateBackendErrored,
 )
 from proxy.observe.history import RouteHistory
 
@@ -338,6 +340,23 @@ FAMILIES = _families(
     ),
     Family("pg_consecutive_failures", "gauge", "Consecutive failed probes.", ("target",)),
 )
+# The fleet state backend's families: rendered only once a Redis backend has reported, so
+# a proxy with `state: {backend: local}` exports no state_backend_* family at all.
+STATE_FAMILIES = _families(
+    Family(
+        "state_backend_up",
+        "gauge",
+        "1 while the fleet state backend answers; 0 while it is down and shared limits are "
+        "enforced locally (DESIGN §15).",
+        ("backend",),
+    ),
+    Family(
+        "state_backend_errors_total",
+        "counter",
+        "Failed or timed-out calls to the fleet state backend, by operation.",
+        ("backend", "op"),
+    ),
+)
 
 
 def method_label(method: str) -> str:
@@ -499,6 +518,9 @@ class Metrics:
         self._pg_duration: dict[str, Histogram] = {}
         self._pg_failures: dict[tuple[str, str], int] = {}
         self._unrouted: dict[tuple[str, int, str], int] = {}  # route "" requests
+        self._state_up: dict[str, float] = {}  # backend → 0/1; empty until Redis reports
+        self._state_errors: dict[tuple[str, str], int] = {}  # (backend, op) → count
+        self._state_seen = False
         self._recent: dict[str, dict[str, RecentCounter]] = {}
         self.history: dict[str, RouteHistory] = {}
         self.live = LiveState()
@@ -587,6 +609,17 @@ class Metrics:
             if not event.ok:
                 key2 = (event.target, event.reason or "other")
                 self._pg_failures[key2] = self._pg_failures.get(key2, 0) + 1
+        elif isinstance(event, StateBackendErrored):
+            self._state_seen = True
+            key4 = (event.backend, event.op)
+            self._state_errors[key4] = self._state_errors.get(key4, 0) + 1
+        elif isinstance(event, StateBackendChanged):
+            self._state_seen = True
+            self._state_up = {event.backend: 1.0 if event.up else 0.0}  # one live backend
+
+    def state_backend_gone(self) -> None:
+        """The Redis backend was swapped for the local one: no state_backend_up series."""
+        self._state_up = {}
 
     def sync_cache_evictions(self, total: int) -> None:
         """The store counts evictions itself; mirror its total into the counter."""
@@ -713,6 +746,16 @@ class _Collector(Collector):
         self._render_live(families)
         self._render_postgres(families)
         yield from families.values()
+        if self.m._state_seen:
+            state = {name: f.new() for name, f in STATE_FAMILIES.items()}
+            self._render_state(state)
+            yield from state.values()
+
+    def _render_state(self, f: dict[str, Any]) -> None:
+        for backend, up in self.m._state_up.items():
+            f["state_backend_up"].add_metric([backend], up)
+        for labels, n in self.m._state_errors.items():
+            f["state_backend_errors_total"].add_metric(list(labels), n)
 
     def _render_requests(self, f: dict[str, Any]) -> None:
         m = self.m

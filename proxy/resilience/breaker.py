@@ -7,6 +7,7 @@ States (the `breaker_state{state}` labels) and the legal moves between them, all
                       ▲                     │
                       └──a trial failed or outlived half_open_max_wait (open_for doubles)
     any ──operator──▶ forced_open | forced_closed | disabled ──reset──▶ closed
+    closed | half_open ──a peer sidecar tripped (`trip_from_peer`)──▶ open
 
 The breaker reads outcomes already classified by the attempt (`Attempt`), never does I/O,
 and evaluates time lazily: an expired hold or an overdue trial is noticed on the next call
@@ -103,6 +104,7 @@ class Breaker:
         self._opened_at = 0.0  # monotonic time the current open period began
         self._opened_wall = 0.0  # the same as epoch seconds, fixed when it opened
         self._retry_after_until: float | None = None  # latest time a server asked us to wait
+        self._peer_until: float | None = None  # hold set by a peer's trip (monotonic)
         self._trials: dict[int, float] = {}  # half-open trial token → start time
         self._trial_successes = 0
         self._next_token = 1
@@ -129,12 +131,23 @@ class Breaker:
         return min(max(base, self._policy.open_for_max), base * 2.0**self._doublings)
 
     def _hold_until(self) -> float:
-        """max(opened + open_for, min(retry_after_time, opened + open_for_max))."""
+        """max(opened + open_for, min(retry_after_time, opened + open_for_max)); after a
+        peer's trip, the peer's open-until instead."""
+        if self._peer_until is not None:
+            return self._peer_until
         hold = self._opened_at + self.open_for
         if self._retry_after_until is not None:
             cap = self._opened_at + max(self._policy.open_for, self._policy.open_for_max)
             hold = max(hold, min(self._retry_after_until, cap))
         return hold
+
+    def hold_until_wall(self, wall_now: float) -> float | None:
+        """Epoch seconds until which an open breaker rejects (None unless open): what a
+        shared trip publishes to the fleet. Reads the state as last evaluated (no poll), so
+        it is safe to call from a transition's event."""
+        if self._state is not _S.OPEN:
+            return None
+        return self._hold_until() - self._clock.now() + wall_now
 
     def reported_state(self) -> BreakerState:
         """The state as metrics and `/status` show it (DESIGN §9): a breaker whose hold is
@@ -291,6 +304,27 @@ class Breaker:
         """Apply the transitions time has made due (hold over, trial overdue)."""
         self._poll(self._clock.now())
 
+    def trip_from_peer(self, until_wall: float, wall_now: float) -> bool:
+        """Open because another sidecar's breaker for this (route, upstream) tripped, until
+        `until_wall` (epoch seconds, capped at now + open_for_max); then run our own
+        half-open trials. Only from closed or half_open: an open breaker keeps its own
+        hold, and forced or disabled breakers are left alone. Not counted as
+        a re-trip (open_for does not double). Emits reason "peer", which is never
+        re-published. Returns whether the breaker opened."""
+        now = self._clock.now()
+        self._poll(now)
+        if self._operator:
+            return False
+        if self._state is not _S.CLOSED and self._state is not _S.HALF_OPEN:
+            return False
+        hold = until_wall - wall_now
+        if not math.isfinite(hold) or hold <= 0:
+            return False
+        self._opened_at = now
+        self._peer_until = now + min(hold, max(self._policy.open_for, self._policy.open_for_max))
+        self._transition(_S.OPEN, "peer")
+        return True
+
     # -- operators and reloads -----------------------------------------------------------
 
     def force(self, state: BreakerState | str) -> None:
@@ -381,6 +415,7 @@ class Breaker:
             raise ValueError(f"breaker state for {self.route}/{self.upstream} lacks opened_at")
         self._doublings = doublings
         self._opened_at = opened_wall + to_mono
+        self._peer_until = None
         self._retry_after_until = ra_wall + to_mono if ra_wall is not None else None
         if self._state is not _S.OPEN:
             self._transition(_S.OPEN, "restored")
@@ -438,6 +473,7 @@ class Breaker:
         ):
             self._doublings += 1
         self._opened_at = at
+        self._peer_until = None
         self._transition(_S.OPEN, reason)
 
     def _poll(self, now: float) -> None:
@@ -479,6 +515,8 @@ class Breaker:
         self._generation += 1
         self._trials.clear()
         self._trial_successes = 0
+        if to is not _S.OPEN:
+            self._peer_until = None
         if to is _S.CLOSED:
             self._clear()
         elif to is _S.OPEN:

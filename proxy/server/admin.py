@@ -129,6 +129,12 @@ async def readyz(request: web.Request) -> web.Response:
         status = "fail"
     elif pg_status == "warn" and status == "pass":
         status = "warn"
+    state = app.state
+    if not state.available:  # limits still hold locally: degraded, never failing
+        output = f"{state.name} state backend unavailable: shared limits enforced locally"
+        checks["state"] = [{"status": "warn", "output": output}]
+        if status == "pass":
+            status = "warn"
     body = {
         "status": status,
         "version": __version__,
@@ -228,6 +234,7 @@ def status_document(app: ProxyApp) -> dict[str, Any]:
         "upstreams": upstreams,
         "cache": {k: v for k, v in store_stats.items() if k != "per_route"},
         "postgres": app.probers.snapshots(),
+        "state": app.state.snapshot(),
     }
 
 

@@ -35,6 +35,8 @@ from proxy.resilience.statefile import (
 from proxy.server.handler import ProxyHandler
 from proxy.server.protocol import ProxyServer
 from proxy.server.runtime import Registry, Runtime, compile_runtime
+from proxy.state import StateBackend, make_backend
+from proxy.state.sharing import BreakerSharing
 
 WATCH_INTERVAL = 2.0  # seconds between config file content checks
 STATE_DEBOUNCE = 0.05  # seconds: transitions within this window are written once
@@ -60,6 +62,11 @@ class ProxyApp:
         self.bus.subscribe(self._on_event)
         self.store = FallbackStore(config.cache, clock)
         self.registry = Registry(clock, self.bus, self.store)
+        self.state: StateBackend = make_backend(config.state, clock, self.bus.emit)
+        self.registry.state = self.state
+        self.sharing = BreakerSharing(self.registry.breakers, lambda: self.state, clock)
+        self.sharing.attach(self.state)
+        self.bus.subscribe(self.sharing.on_event)
         self.probers = ProberSet(clock, self.bus.emit)
         self.runtime: Runtime = compile_runtime(
             config, self.registry, self.metrics, clock, self.rng, self.bus
@@ -115,6 +122,7 @@ class ProxyApp:
     async def start(self) -> None:
         config = self.config
         self._restore_breakers()
+        await self.state.start()  # bounded by state.timeout; never raises
         loop = asyncio.get_running_loop()
         limits = config.limits
         self._server = ProxyServer(
@@ -192,6 +200,8 @@ class ProxyApp:
             if config.admin.host != current.admin.host or config.admin.port != current.admin.port:
                 notes.append("admin.listen changed: takes effect after a restart")
             self.store.update_settings(config.cache)
+            if config.state != current.state:
+                await self._swap_state(config)
             kept = {route.name for route in config.routes}
             for route in current.routes:
                 if route.name not in kept:
@@ -206,6 +216,17 @@ class ProxyApp:
             for note in notes:
                 log.warning("config_reload_partial", note=note)
             return "ok", notes
+
+    async def _swap_state(self, config: Config) -> None:
+        """Start the new state backend, then swap it in (before the runtime is compiled)."""
+        backend = make_backend(config.state, self.clock, self.bus.emit)
+        self.sharing.attach(backend)
+        await backend.start()
+        old, self.state = self.state, backend
+        self.registry.state = backend
+        await old.close()
+        if backend.name == "local":
+            self.metrics.state_backend_gone()
 
     async def _watch_config(self) -> None:
         """Poll the file's content hash: catches edits and ConfigMap symlink swaps alike."""
@@ -302,6 +323,8 @@ class ProxyApp:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.probers.close()
+        await self.sharing.close()
+        await self.state.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
             self._admin_runner = None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
 
 from proxy.cache import FallbackStore
 from proxy.clock import Clock, Rng
@@ -22,19 +21,14 @@ from proxy.observe.metrics import BreakerView, Metrics, RouteMetrics
 from proxy.resilience.breaker import Breaker
 from proxy.resilience.budget import RetryBudget
 from proxy.resilience.bulkhead import Bulkhead
-from proxy.resilience.ratelimit import CallerBuckets
 from proxy.server.forwarding import HeaderPlan
 from proxy.stages.call import Stage
 from proxy.stages.failover import Serving
 from proxy.stages.pipeline import RouteState, TargetState, build_pipeline, target_route
-from proxy.stages.quota import QuotaState, SharedQuotas
-from proxy.stages.ratelimit import SharedBuckets
+from proxy.stages.quota import QuotaState
+from proxy.state import LocalBackend, StateBackend
+from proxy.state.bucket import LocalBuckets
 from proxy.upstream import UpstreamClient
-
-
-class FleetState(SharedBuckets, SharedQuotas, Protocol):
-    """What quotas and shared rate limits need of the fleet state backend."""
-
 
 # Request bodies up to this are buffered on a failover route without a retry block, so a
 # hop to the next target can replay them (retry.max_body's default).
@@ -109,9 +103,12 @@ class Registry:
         self.serving: dict[str, Serving] = {}
         self.clients: dict[str, UpstreamClient] = {}
         self.quotas: dict[str, QuotaState] = {}  # per upstream with `quota`
-        self.buckets: dict[str, CallerBuckets] = {}  # per route with `rate_limit`
-        self.state: FleetState | None = None  # the fleet state backend, when wired
+        # per route with `rate_limit`: (max_callers, its buckets)
+        self.buckets: dict[str, tuple[int, LocalBuckets]] = {}
         self.failures = FailureLog(clock)
+        # The fleet state backend (DESIGN §15); the app sets the configured one and swaps it
+        # on a reload that changes `state`, before the new runtime is compiled.
+        self.state: StateBackend = LocalBackend(clock)
         self._retired: list[UpstreamClient] = []
         self._closers: set[asyncio.Task[None]] = set()
 
@@ -159,21 +156,19 @@ class Registry:
         else:
             state.update(upstream, policy)
         backend = self.state
-        state.backend = backend if backend is not None and backend.name != "local" else None
+        state.backend = backend if backend.name != "local" else None
         return state
 
-    def buckets_for(self, route: Route) -> CallerBuckets | None:
+    def buckets_for(self, route: Route) -> LocalBuckets | None:
+        """The route's local buckets (one, or one per caller, at most max_callers); a changed
+        rps or burst applies from the next take, a changed max_callers starts afresh."""
         policy = route.rate_limit
         if policy is None:
             return None
-        buckets = self.buckets.get(route.name)
-        if buckets is None:
-            buckets = self.buckets[route.name] = CallerBuckets(
-                policy.rps, policy.burst, policy.max_callers
-            )
-        else:
-            buckets.update(policy.rps, policy.burst, policy.max_callers)
-        return buckets
+        kept = self.buckets.get(route.name)
+        if kept is None or kept[0] != policy.max_callers:
+            kept = self.buckets[route.name] = (policy.max_callers, LocalBuckets(policy.max_callers))
+        return kept[1]
 
     def state_for(self, route: Route) -> RouteState:
         targets = tuple(self.target_for(route, upstream) for upstream in route.targets)

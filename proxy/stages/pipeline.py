@@ -25,7 +25,6 @@ from proxy.observe.events import EventBus
 from proxy.resilience.breaker import Breaker
 from proxy.resilience.budget import RetryBudget
 from proxy.resilience.bulkhead import Bulkhead
-from proxy.resilience.ratelimit import CallerBuckets
 from proxy.server.forwarding import HeaderPlan
 from proxy.stages.attempt import AttemptStage
 from proxy.stages.breaker import BreakerStage
@@ -37,6 +36,7 @@ from proxy.stages.quota import QuotaStage, QuotaState
 from proxy.stages.ratelimit import RateLimitStage, SharedBuckets
 from proxy.stages.retry import RetryStage
 from proxy.stages.timeout import TotalTimeoutStage
+from proxy.state.bucket import LocalBuckets
 from proxy.upstream import UpstreamClient
 
 
@@ -76,7 +76,7 @@ class RouteState:
         return self.targets[0].bulkhead
 
     failures: FailureLog | None = None  # failure causes: rate-limited warnings, last cause
-    buckets: CallerBuckets | None = None  # the route's local rate-limit buckets
+    buckets: LocalBuckets | None = None  # the route's local rate-limit buckets
     shared: SharedBuckets | None = None  # the fleet state backend, for shared: true
 
 

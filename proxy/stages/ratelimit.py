@@ -14,8 +14,8 @@ from typing import Protocol
 
 from proxy.clock import Clock
 from proxy.config.model import RateLimitPolicy
-from proxy.resilience.ratelimit import CallerBuckets
 from proxy.stages.call import Call, Result, Stage
+from proxy.state.bucket import LocalBuckets
 
 
 class SharedBuckets(Protocol):
@@ -39,7 +39,7 @@ class RateLimitStage(Stage):
         next_stage: Stage,
         route: str,
         policy: RateLimitPolicy,
-        buckets: CallerBuckets,
+        buckets: LocalBuckets,
         clock: Clock,
         shared: SharedBuckets | None = None,
     ) -> None:
@@ -57,13 +57,12 @@ class RateLimitStage(Stage):
             value = call.request_headers.get(self.header)
             key = "" if value is None else caller_key(value)
         shared = self.shared
+        policy = self.policy
         if shared is not None:
-            policy = self.policy
             allowed, wait = await shared.take(f"rl:{self.route}:{key}", policy.rps, policy.burst)
             source = "shared"
         else:
-            wait = self.buckets.take(key, self.clock.now())
-            allowed = wait <= 0.0
+            allowed, wait = self.buckets.take(key, self.clock.now(), policy.rps, policy.burst)
             source = "local"
         if not allowed:
             call.record.rate_limited = source

@@ -90,7 +90,7 @@ postgres:
         "config/proxy.yaml:12: policies.api.breaker.open_for: must be >= 1s, got '500ms'",
         "config/proxy.yaml:13: policies.api.breaker.retries: unknown key; valid keys: "
         "consecutive_failures, failure_rate, slow_calls, failure_statuses, open_for, "
-        "open_for_max, half_open_calls, half_open_max_wait, mode",
+        "open_for_max, half_open_calls, half_open_max_wait, mode, share",
         "config/proxy.yaml:16: routes[0].upstream: unknown upstream 'nope' (defined: API)",
         "config/proxy.yaml:17: routes[0].policy: unknown policy 'missing' (defined: api)",
         "config/proxy.yaml:18: routes[0].match.path_prefix: must start with '/', got 'nope'",
