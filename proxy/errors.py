@@ -45,6 +45,7 @@ STATUS_FOR_FAILURE = {
     "timeout": 504,
     "quota": 429,
     "rate-limited": 429,
+    "upstream-status": 502,  # an answer the proxy cannot relay (an unasked-for 101)
 }
 
 MESSAGES = {
@@ -55,6 +56,7 @@ MESSAGES = {
     "timeout": "the upstream did not answer in time",
     "quota": "the upstream's quota is spent until its reset",
     "rate-limited": "too many requests: over this route's rate limit",
+    "upstream-status": "the upstream sent a response the proxy cannot relay",
 }
 
 # Failures whose answer carries Retry-After (seconds, rounded up, at least 1).

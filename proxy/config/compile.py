@@ -454,6 +454,7 @@ class _Compiler:
             forwarded_headers=_or(spec.forwarded_headers, default.forwarded_headers),
             connect_timeout=_or(spec.connect_timeout, default.connect_timeout),
             max_connections=_or(spec.max_connections, default.max_connections),
+            idle_timeout=_or(spec.idle_timeout, default.idle_timeout),
             tls=tls,
             userinfo=userinfo,
             quota=self.quota(spec.quota),
@@ -861,6 +862,7 @@ def _upstream_tree(upstream: Upstream) -> dict[str, Any]:
         "forwarded_headers": upstream.forwarded_headers,
         "connect_timeout": upstream.connect_timeout,
         "max_connections": upstream.max_connections,
+        "idle_timeout": upstream.idle_timeout,
         "tls": {"verify": upstream.tls.verify, "ca_file": upstream.tls.ca_file},
     }
     if upstream.userinfo is not None:

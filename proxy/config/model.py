@@ -93,6 +93,7 @@ class Upstream:
     forwarded_headers: bool = False
     connect_timeout: float = 2.0
     max_connections: int = 100
+    idle_timeout: float = 4.0  # seconds a pooled connection may stay idle before it is closed
     tls: TlsSettings = TlsSettings()
     userinfo: tuple[str, str] | None = None  # from the URL; sent as Basic auth, never logged
     quota: QuotaPolicy | None = None

@@ -637,6 +637,8 @@ class UpstreamSpec(Spec):
     connect_timeout: PositiveDuration | None = None
     """A new TCP+TLS connection (default 2s)."""
     max_connections: int | None = Field(None, ge=1)
+    idle_timeout: PositiveDuration | None = None
+    """Pooled idle connections are closed after this (default 4s, below common servers' 5s)."""
     tls: TlsSpec | None = None
     quota: Toggle[QuotaSpec] | None = None
     """Track the provider's remaining quota and hold requests back at the reserve."""

@@ -32,6 +32,7 @@ from proxy.server.forwarding import (
     upstream_path,
 )
 from proxy.stages.call import EMPTY_BODY, Call, RequestBody, Result
+from proxy.upstream import UpstreamBodyError
 
 if TYPE_CHECKING:
     from proxy.config.model import Limits
@@ -243,7 +244,7 @@ class ProxyHandler:
                 if writer is not None:
                     writer.feed(chunk)
                 await response.write(chunk)
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, aiohttp.ClientError, UpstreamBodyError) as exc:
             # Bytes already reached the client: the only honest signal left is to cut the
             # connection, so the client sees an incomplete response rather than a short one.
             record.outcome = "timeout" if isinstance(exc, TimeoutError) else "reset"

@@ -99,7 +99,12 @@ class AttemptStage(Stage):
             else:
                 path, headers = self.base + call.path_qs[self.cut :], call.headers_for(plan)
             response = await client.send(
-                call.method, path, headers, body.payload(), body.stream_length
+                call.method,
+                path,
+                headers,
+                body.payload(),
+                body.stream_length,
+                on_interim=getattr(call, "on_interim", None),
             )
         except asyncio.CancelledError:
             if cutoff is None or not cutoff.fired or cutoff.task.uncancel() > 0:
@@ -116,6 +121,8 @@ class AttemptStage(Stage):
                 cause = cause_of(exc, self.connect_timeout)
                 self.failures.failed(self.route, self.upstream, exc.kind, cause)
             duration = clock.now() - start
+            if exc.kind == "upstream-status":  # a 101 nobody asked for: answered 502
+                return _bad_status(call, duration, self.index)
             return _failed(call, exc.kind, duration, exc.before_request, False, self.index)
         finally:
             client.in_flight -= 1
@@ -149,6 +156,16 @@ class _Cutoff:
     def fire(self) -> None:
         self.fired = True
         self.task.cancel()
+
+
+def _bad_status(call: Call, duration: float, index: int) -> Result:
+    """An interim status the proxy cannot relay (a `101`): the attempt got a response
+    (metric result `status`, not a breaker failure, not retried); the client gets 502
+    `upstream-status`."""
+    call.record.attempts.append((AttemptResult.STATUS, duration, index))
+    result = Result(failure="upstream-status")
+    result.attempt = Attempt(AttemptResult.STATUS, 101, False, duration)
+    return result
 
 
 def _failed(

@@ -176,3 +176,159 @@ def test_no_nan_makes_strict_json() -> None:
         "a": [None, 1.0],
         "b": [2, None],
     }
+
+
+K6_SUMMARY = {
+    "metrics": {
+        "http_req_duration": {
+            "type": "trend",
+            "values": {"avg": 0.4, "min": 0.1, "med": 0.25, "p(90)": 0.6, "p(99)": 1.9, "max": 12.0},
+        },
+        "http_reqs": {"type": "counter", "values": {"count": 10_000, "rate": 999.8}},
+        "dropped_iterations": {"type": "counter", "values": {"count": 3, "rate": 0.3}},
+        "http_req_failed": {"type": "rate", "values": {"rate": 0.001, "passes": 10, "fails": 9990}},
+    }
+}
+
+
+def test_parse_k6_summary_reads_percentiles_rate_and_drops() -> None:
+    result = run.parse_k6_summary(K6_SUMMARY)
+    assert (result.requests, result.rate) == (10_000, pytest.approx(999.8))
+    assert (result.p50_ms, result.p99_ms) == (pytest.approx(0.25), pytest.approx(1.9))
+    assert result.dropped == 3
+    assert result.failed_rate == pytest.approx(0.001)
+
+
+def test_parse_k6_summary_without_drops_counts_zero_and_refuses_missing_figures() -> None:
+    metrics = {k: v for k, v in K6_SUMMARY["metrics"].items() if k != "dropped_iterations"}
+    assert run.parse_k6_summary({"metrics": metrics}).dropped == 0
+    no_p99 = {**metrics, "http_req_duration": {"values": {"med": 1.0}}}
+    with pytest.raises(ValueError, match="p\\(99\\)"):
+        run.parse_k6_summary({"metrics": no_p99})
+    with pytest.raises(ValueError, match="http_reqs"):
+        run.parse_k6_summary({"metrics": {"http_req_duration": metrics["http_req_duration"]}})
+    with pytest.raises(ValueError):
+        run.parse_k6_summary({})
+
+
+def test_k6_script_uses_the_constant_arrival_rate_executor() -> None:
+    assert "executor: 'constant-arrival-rate'" in run.K6_SCRIPT
+    assert "handleSummary" in run.K6_SCRIPT and "p(99)" in run.K6_SCRIPT
+
+
+def _k6(p50: float, p99: float, dropped: int = 0) -> run.K6Result:
+    return run.K6Result(1000, 1000.0, p50, p99, dropped, 0.0)
+
+
+def test_open_loop_medians_and_the_issue_targets() -> None:
+    runs = [
+        ("direct", 1000, _k6(0.10, 1.0)),
+        ("direct", 1000, _k6(0.12, 1.4)),
+        ("direct", 1000, _k6(0.11, 9.0)),
+        ("nginx", 1000, _k6(0.20, 2.0)),
+        ("allpol", 1000, _k6(0.30, 2.4)),  # +0.19 ms p50: over budget; p99 1.2×: within
+        ("direct", 2000, _k6(0.1, 1.0, dropped=2)),
+        ("nginx", 2000, _k6(0.2, 2.0)),
+        ("allpol", 2000, _k6(0.3, 5.0)),  # 2.5× nginx's p99: over
+    ]
+    summaries = run.summarize_open_loop(runs)
+    by = {(s.target, s.rate): s for s in summaries}
+    assert by[("direct", 1000)].p50_ms == pytest.approx(0.11)  # the median of 3
+    assert by[("direct", 1000)].p99_ms == pytest.approx(1.4)
+    assert by[("direct", 1000)].repeats == 3
+    found = {c.name: c for c in run.open_loop_checks(summaries)}
+    assert found["open loop 1000/s: allpol added p50 over direct"].ok is False
+    assert found["open loop 1000/s: allpol added p50 over direct"].value.startswith("0.190 ms")
+    assert found["open loop 1000/s: allpol p99 vs nginx p99"].ok is True
+    assert found["open loop 2000/s: allpol p99 vs nginx p99"].ok is False
+    assert found["open loop 1000/s: k6 dropped iterations against direct"].ok is True
+    assert found["open loop 2000/s: k6 dropped iterations against direct"].ok is False
+    assert "allpol" in run.open_loop_table(summaries)
+
+
+def _mem_run(before: int, after: int, hwm_before: int, hwm_after: int) -> run.Run:
+    wrk = run.WrkResult(100, 1.0, 100.0, 1.0, 1.0, 1.0, 1.0, 0, 0)
+    return run.Run("upload", 0, wrk, 1.0, 1.0, 0.0, before, after, hwm_before, hwm_after)
+
+
+def test_rss_growth_counts_the_peak_during_the_runs() -> None:
+    # The peak (VmHWM) rose during the first run only; RSS settled lower afterwards.
+    runs = [_mem_run(50_000, 51_000, 60_000, 55_000 + 60_000), _mem_run(51_000, 52_000, 115_000, 115_000)]
+    assert run.rss_growth(runs) == 115_000 - 50_000
+    # An earlier, higher peak says nothing about these runs: RSS after them counts.
+    assert run.rss_growth([_mem_run(50_000, 53_000, 90_000, 90_000)]) == 3_000
+    assert math.isnan(run.rss_growth([]))
+
+
+def test_ratios_are_to_each_rows_own_reference() -> None:
+    targets = [
+        run.Target("nginx", "", "", None),
+        run.Target("nginx64", "", "", None, reference="nginx64"),
+        run.Target("allpol64", "", "", None, reference="nginx64"),
+        run.Target("upload", "", "", None, measure_rss=True),
+    ]
+    runs = [
+        _run("nginx", 10_000, 20, 0),
+        _run("nginx64", 2_000, 80, 0),
+        _run("allpol64", 1_000, 160, 0),
+        _mem_run(50_000, 51_024, 60_000, 60_000),
+    ]
+    by = {s.target: s for s in run.summarize(targets, runs)}
+    assert by["allpol64"].cpu_x_nginx == pytest.approx(2.0)  # to nginx64, not nginx
+    assert by["upload"].rss_growth_kib == 1_024
+    found = {c.name: c for c in run.checks(list(by.values()))}
+    assert found["64 KiB response, allpol route CPU/req vs nginx"].ok is True
+    assert found["1 MiB upload, proxy RSS growth"].ok is True
+
+
+def test_many_routes_config_is_a_valid_config_with_every_policy(tmp_path: Path) -> None:
+    from proxy.config import load_config
+
+    values = {"proxy_port": 1, "admin_port": 2, "upstream_port": 3, "admin_token": "t", "tmp": tmp_path}
+    path = tmp_path / "many.yaml"
+    path.write_text(run.many_routes_config(values))
+    config = load_config(str(path), env={})
+    assert len(config.routes) == run.MANY_ROUTES
+    route = config.routes[42]
+    assert route.name == "r042"
+    assert None not in (route.retry, route.breaker, route.bulkhead, route.fallback)
+
+
+def test_memory_checks_against_the_issue_budgets() -> None:
+    found = {
+        c.name: c
+        for c in run.memory_checks(
+            {"VmRSS": 50_000}, {"VmRSS": 70_000}, {"VmRSS": 78_000}, 1_000_000
+        )
+    }
+    assert found["idle RSS (100 routes)"].ok is True
+    late = found["RSS after 1000000 requests vs after the first 10,000"]
+    assert late.ok is False and late.value == "+11.4%"
+
+
+def test_lua_scripts_render() -> None:
+    upload = run.render(run.UPLOAD_LUA, {"size": run.UPLOAD_BYTES})
+    assert 'wrk.method = "POST"' in upload and str(run.UPLOAD_BYTES) in upload
+    spread = run.render(run.SPREAD_LUA, {"routes": 100, "limit": 10_000})
+    assert "local limit = 10000" in spread and "wrk.thread:stop()" in spread
+
+
+def test_rss_growth_from_the_warm_up_baseline_and_sampled_peaks() -> None:
+    # VmHWM never rose (an earlier row holds the lifetime peak): the sampled VmRSS counts.
+    run_ = _mem_run(52_000, 51_000, 90_000, 90_000)
+    run_.rss_peak_kib = 56_000
+    assert run.rss_growth([run_]) == 56_000 - 52_000
+    # From before the warm-up, whose own peak (58 000) was the highest.
+    assert run.rss_growth([run_], 50_000, (58_000,)) == 8_000
+    targets = [run.Target("upload", "", "", None, measure_rss=True)]
+    (summary,) = run.summarize(targets, [run_], {"upload": (50_000, 58_000)})
+    assert summary.rss_growth_kib == 8_000
+
+
+def test_rss_sampler_sees_this_process() -> None:
+    import os
+    import time
+
+    with run.RssSampler(os.getpid(), interval=0.01) as sampler:
+        time.sleep(0.05)
+    assert sampler.peak is not None and sampler.peak > 1000

@@ -302,3 +302,14 @@ def test_source_and_hash(tmp_path: Path) -> None:
     config = load_config(str(path), env={})
     assert config.source == str(path)
     assert config.hash == hashlib.sha256(data).hexdigest()
+
+
+def test_upstream_idle_timeout(load_yaml: Load, problems_of: Callable[..., list[str]]) -> None:
+    config = load_yaml(
+        "upstreams:\n  a: {url: http://a.example, idle_timeout: 250ms}\n  b: {url: http://b.example}\n"
+    )
+    assert config.upstreams["a"].idle_timeout == 0.25
+    assert config.upstreams["b"].idle_timeout == 4.0  # below the 5 s keep-alive of common servers
+    assert problems_of("upstreams:\n  a: {url: http://a.example, idle_timeout: 0s}\n") == [
+        "config/proxy.yaml:2: upstreams.a.idle_timeout: must be > 0, got '0s'"
+    ]

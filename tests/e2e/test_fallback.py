@@ -77,7 +77,9 @@ async def prime(http, proxy, upstream, path, body=b"fresh", headers=None, reques
 async def test_stale_served_when_the_upstream_fails(proxy, upstream, http, failure):
     await prime(http, proxy, upstream, "/c/item?id=1")
     await asyncio.sleep(1.05)
-    upstream.push(failure)
+    # Twice: a reset on a reused connection before any response byte is the stale
+    # keep-alive race, and a GET is sent once more on a fresh connection (DESIGN §5).
+    upstream.push(failure, failure)
     status, headers, body = await get(http, proxy.url + "/c/item?id=1")
     assert status == 200 and body == b"fresh"
     assert headers["X-Resilience-Fallback"] == "stale"

@@ -27,6 +27,8 @@ class Reply:
     chunked: bool = False
     chunk_delay: float = 0.0  # between body chunks (chunked only)
     chunks: int = 1
+    raw: bytes | None = None  # written verbatim as the whole answer (bad framing, interims)
+    close: bool = False  # close the connection after answering
 
 
 @dataclass
@@ -51,7 +53,11 @@ Script = Callable[[Seen], Reply]
 
 
 class ScriptedUpstream:
-    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, ssl_context: ssl.SSLContext | None = None, idle_close: float | None = None
+    ) -> None:
+        self.idle_close = idle_close  # close connections idle this long (as Node.js does)
+        self.closed_idle = 0  # connections closed for that
         self.replies: deque[Reply] = deque()
         self.default: Reply | Script = Reply()
         self.requests: list[Seen] = []
@@ -62,6 +68,10 @@ class ScriptedUpstream:
         self.port = 0
         self.connections = 0
         self.cancelled = 0  # requests whose client went away while the reply was pending
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._writers)
 
     @property
     def url(self) -> str:
@@ -121,8 +131,14 @@ class ScriptedUpstream:
 
     async def _read_request(self, reader: asyncio.StreamReader) -> Seen | None:
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
+            if self.idle_close is None:
+                head = await reader.readuntil(b"\r\n\r\n")
+            else:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.idle_close)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            return None
+        except TimeoutError:
+            self.closed_idle += 1
             return None
         at = time.monotonic()
         lines = head.decode("latin-1").split("\r\n")
@@ -166,6 +182,10 @@ class ScriptedUpstream:
         if reply.action == "reset-before-head":
             writer.transport.abort()
             return False
+        if reply.raw is not None:
+            writer.write(reply.raw)
+            await writer.drain()
+            return not reply.close
         items = reply.headers.items() if isinstance(reply.headers, dict) else reply.headers
         headers = list(items)
         names = {k.lower() for k, _ in headers}
@@ -201,7 +221,7 @@ class ScriptedUpstream:
         else:
             writer.write(body)
         await writer.drain()
-        return True
+        return not reply.close
 
     async def _wait_or_gone(self, reader: asyncio.StreamReader, seconds: float) -> bool:
         """Sleep, but notice when the client closes the connection (it cancelled)."""
