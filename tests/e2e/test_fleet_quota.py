@@ -149,7 +149,7 @@ async def test_a_shared_rate_limit_holds_across_three_sidecars(fleet, http):
     assert shared == answers[429]  # every refusal counted, as source shared
 
 
-async def test_a_quota_exhausted_through_one_sidecar_is_honoured_by_the_others(fleet, http):
+async def test_a_quota_exhausted_through_one_sidecar_is_honoured_by_the_others(fleet, http, tmp_path):
     sidecars, upstream, prefix = fleet
     reset = int(time.time()) + 30
     upstream.default = Reply(200, {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(reset)})
@@ -167,5 +167,21 @@ async def test_a_quota_exhausted_through_one_sidecar_is_honoured_by_the_others(f
             assert resp.headers["X-Resilience-Reason"] == "quota"
             assert 25 <= int(resp.headers["Retry-After"]) <= 31
     assert len(upstream.requests) == 1  # nothing was spent by the other two
+    # a sidecar that starts during the exhaustion knows it without spending a request
+    late = Sidecar(tmp_path, 9, {"URL": upstream.url, "REDIS": SHARED_URL, "PREFIX": prefix})
+    try:
+        async def up() -> bool:
+            try:
+                async with http.get(late.admin + "/healthz") as resp:
+                    return resp.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await poll(up, timeout=20, interval=0.1)
+        async with http.get(late.url + "/metered/c", headers={"X-Resilience-Timeout-Ms": "500"}) as resp:
+            assert resp.status == 429 and resp.headers["X-Resilience-Reason"] == "quota"
+    finally:
+        late.stop()
+    assert len(upstream.requests) == 1
     snapshot_keys = [k for k in prefix_keys(SHARED_URL, prefix) if ":quota:" in k]
     assert all(0 < ttl <= 31_000 for k, ttl in prefix_keys(SHARED_URL, prefix).items() if k in snapshot_keys)
