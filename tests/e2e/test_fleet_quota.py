@@ -48,12 +48,14 @@ class Sidecar:
         self.port, self.admin_port = free_port(), free_port()
         self.config = tmp / f"sidecar-{index}.yaml"
         self.config.write_text(render(FLEET, self.port, self.admin_port, **values))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "run", "--config", str(self.config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+        self.log = tmp / f"sidecar-{index}.log"  # a file, not a pipe nobody reads while it runs
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "proxy", "run", "--config", str(self.config)],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
 
     @property
     def url(self) -> str:
@@ -75,8 +77,7 @@ class Sidecar:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        _, err = self.proc.communicate()
-        return err.decode(errors="replace")
+        return self.log.read_text(errors="replace")
 
 
 @pytest.fixture
