@@ -299,3 +299,21 @@ async def test_a_spent_primary_is_skipped_for_the_next_target_at_no_cost(proxy_f
         assert len(upstream.requests) == 1 and len(backup.requests) == 1
     finally:
         await backup.close()
+
+
+async def test_quota_state_survives_a_reload_and_goes_with_its_quota(proxy_factory, upstream, http):
+    upstream.default = Reply(200, {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "30"})
+    proxy = await proxy_factory(CONFIG, URL=upstream.url, KIND="generic", RESERVE=0)
+    async with http.get(f"{proxy.url}/api/a") as resp:
+        assert resp.status == 200
+    text = proxy.config_path.read_text()
+    proxy.config_path.write_text(text.replace("per_try: 5s}", "per_try: 4s}"))
+    assert (await proxy.app.reload("admin"))[0] == "ok"
+    async with http.get(f"{proxy.url}/api/b", headers={"X-Resilience-Timeout-Ms": "300"}) as resp:
+        assert resp.status == 429  # still known to be spent after the reload
+    proxy.config_path.write_text(text.replace(", quota: {headers: generic, reserve: 0}", ""))
+    assert (await proxy.app.reload("admin"))[0] == "ok"
+    assert proxy.app.registry.quotas == {}
+    async with http.get(f"{proxy.url}/api/c", headers={"X-Resilience-Timeout-Ms": "300"}) as resp:
+        assert resp.status == 200  # no quota configured: nothing held back
+    assert len(upstream.requests) == 2
