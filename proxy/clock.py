@@ -26,6 +26,10 @@ class Clock(Protocol):
 class Rng(Protocol):
     def uniform(self, low: float, high: float) -> float: ...
 
+    def getrandbits(self, k: int, /) -> int:
+        """k random bits as an int (request IDs)."""
+        ...
+
 
 class SystemClock:
     """The real clock: the event loop's monotonic time and the system's wall time."""

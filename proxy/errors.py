@@ -8,11 +8,20 @@
     ├── 413 body-too-large           over limits.max_request_body
     ├── 431 header-too-large         over limits.max_header_bytes
     ├── 501 upgrade                  Upgrade / WebSocket
+    ├── 501 unsupported-coding       a transfer coding other than chunked (gzip, chunked)
+    ├── 505 unsupported-version      an HTTP major version other than 1
     ├── 508 loop                     the request already passed through this proxy
     ├── 502 connect-failure | reset  upstream unreachable or reset
     ├── 503 breaker-open             with Retry-After
     ├── 503 bulkhead-full
     └── 504 timeout                  the total timeout expired
+
+Raised while reading the client's request body (by the listener's body stream), so that
+the request is the client's fault and not the upstream's:
+
+    ClientBodyTimeout                408: a gap between body chunks over client_body_timeout
+    BodyTooLarge                     413: more than limits.max_request_body arrived
+    BadRequestBody                   400: the body's framing broke (a bad chunk size)
 
 Messages never carry exception text, secrets or a URL with its query.
 Configuration errors live in `proxy.config` (`ConfigInvalid`, one `Problem` per line).
@@ -59,9 +68,6 @@ MESSAGES = {
     "upstream-status": "the upstream sent a response the proxy cannot relay",
 }
 
-# Failures whose answer carries Retry-After (seconds, rounded up, at least 1).
-RETRY_AFTER_FAILURES = frozenset(("breaker-open", "quota", "rate-limited"))
-
 
 class ProxyError(Exception):
     """A request the proxy answers itself, before or instead of the upstream."""
@@ -87,6 +93,18 @@ class ProxyError(Exception):
     @classmethod
     def head_too_large(cls, limit: int) -> ProxyError:
         return cls(431, "header-too-large", f"the request head exceeds {limit} bytes")
+
+
+class ClientBodyTimeout(Exception):
+    """The client paused longer than limits.client_body_timeout between body chunks."""
+
+
+class BodyTooLarge(Exception):
+    """The client sent more than limits.max_request_body."""
+
+
+class BadRequestBody(Exception):
+    """The request body's framing was invalid after its head had been accepted."""
 
 
 @functools.lru_cache(maxsize=512)

@@ -24,6 +24,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from proxy.config.loader import Document, Path
 from proxy.config.model import (
+    AccessLogSettings,
     AdminSettings,
     BackoffPolicy,
     BreakerPolicy,
@@ -59,6 +60,7 @@ from proxy.config.schema import (
     CONDITIONS_RETRY,
     STAGE_KEYS,
     UNINJECTABLE_HEADERS,
+    AccessLogSpec,
     AdminSpec,
     BackoffSpec,
     BreakerSpec,
@@ -325,6 +327,8 @@ class _Compiler:
                 quiet_period=_or(shutdown.quiet_period, ShutdownPolicy().quiet_period),
                 drain_timeout=_or(shutdown.drain_timeout, ShutdownPolicy().drain_timeout),
             ),
+            headers_with_underscores=spec.headers_with_underscores or "reject",
+            access_log=self.access_log(spec),
             state_file=self.state_file(spec.state_file),
             state=self.state(spec.state),
             upstreams=upstreams,
@@ -340,6 +344,15 @@ class _Compiler:
         tree = effective_tree(config, self.route_policies)
         redacted = _Redactor(self.doc, self.route_policies, secrets).tree(tree)
         return replace(config, redacted=redacted, secrets=secrets)
+
+    def access_log(self, spec: ConfigSpec) -> AccessLogSettings:
+        block = spec.access_log or AccessLogSpec()
+        default = AccessLogSettings()
+        return AccessLogSettings(
+            enabled=_or(block.enabled, default.enabled),
+            sample=_or(block.sample, default.sample),
+            slow=_or(block.slow, default.slow),
+        )
 
     def admin(self, spec: ConfigSpec) -> AdminSettings:
         admin = spec.admin or AdminSpec()
@@ -452,6 +465,7 @@ class _Compiler:
             headers=self.injected_headers(path, spec),
             missing_headers=self.missing_headers(path),
             forwarded_headers=_or(spec.forwarded_headers, default.forwarded_headers),
+            request_id=_or(spec.request_id, default.request_id),
             connect_timeout=_or(spec.connect_timeout, default.connect_timeout),
             max_connections=_or(spec.max_connections, default.max_connections),
             idle_timeout=_or(spec.idle_timeout, default.idle_timeout),
@@ -838,6 +852,8 @@ def effective_tree(config: Config, policies: Sequence[str | None] = ()) -> dict[
         },
         "limits": asdict(config.limits),
         "shutdown": asdict(config.shutdown),
+        "headers_with_underscores": config.headers_with_underscores,
+        "access_log": asdict(config.access_log),
         "state_file": config.state_file,
         "state": {
             "backend": config.state.backend,
@@ -860,6 +876,7 @@ def _upstream_tree(upstream: Upstream) -> dict[str, Any]:
         "url": upstream.url,
         "headers": {name: REDACTED for name, _ in upstream.headers},
         "forwarded_headers": upstream.forwarded_headers,
+        "request_id": upstream.request_id,
         "connect_timeout": upstream.connect_timeout,
         "max_connections": upstream.max_connections,
         "idle_timeout": upstream.idle_timeout,

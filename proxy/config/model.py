@@ -91,6 +91,7 @@ class Upstream:
     base_path: str  # "" or "/base" without trailing slash
     headers: tuple[tuple[str, str], ...] = ()  # injected; omitted when a ${VAR} was empty
     forwarded_headers: bool = False
+    request_id: bool = False  # send a generated X-Request-Id upstream
     connect_timeout: float = 2.0
     max_connections: int = 100
     idle_timeout: float = 4.0  # seconds a pooled connection may stay idle before it is closed
@@ -296,6 +297,13 @@ class ShutdownPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class AccessLogSettings:
+    enabled: bool = False
+    sample: float = 1.0  # share of requests logged; errors always are
+    slow: float = 0.0  # seconds: log only requests at least this slow
+
+
+@dataclass(frozen=True, slots=True)
 class AdminSettings:
     host: str = "127.0.0.1"
     port: int = 9901
@@ -347,6 +355,8 @@ class Config:
     admin: AdminSettings = AdminSettings()
     limits: Limits = Limits()
     shutdown: ShutdownPolicy = ShutdownPolicy()
+    headers_with_underscores: str = "reject"  # reject | drop | allow
+    access_log: AccessLogSettings = AccessLogSettings()
     state_file: str | None = None  # resolved path; None: persistence off
     state: StateSettings = StateSettings()
     upstreams: Mapping[str, Upstream] = field(default_factory=dict)

@@ -634,6 +634,8 @@ class UpstreamSpec(Spec):
     """Injected on every request; omitted when a ${VAR} in it is empty."""
     forwarded_headers: bool | None = None
     """Send X-Forwarded-For/-Proto/-Host to this upstream (default false)."""
+    request_id: bool | None = None
+    """Send a generated X-Request-Id to this upstream (default false: third parties)."""
     connect_timeout: PositiveDuration | None = None
     """A new TCP+TLS connection (default 2s)."""
     max_connections: int | None = Field(None, ge=1)
@@ -664,6 +666,15 @@ class LimitsSpec(Spec):
 class ShutdownSpec(Spec):
     quiet_period: Duration | None = None
     drain_timeout: Duration | None = None
+
+
+class AccessLogSpec(Spec):
+    enabled: bool | None = None
+    """One JSON line per finished request (default false)."""
+    sample: Ratio | None = None
+    """The share of requests logged (default 1.0); errors are always logged."""
+    slow: Duration | None = None
+    """Log only requests at least this slow (default 0s: all); errors are always logged."""
 
 
 class CacheSpec(Spec):
@@ -729,6 +740,9 @@ class ConfigSpec(Spec):
     admin: AdminSpec | None = None
     limits: LimitsSpec | None = None
     shutdown: ShutdownSpec | None = None
+    headers_with_underscores: Literal["reject", "drop", "allow"] | None = None
+    """A request header name with `_`: refused with 400 (default), dropped, or allowed."""
+    access_log: AccessLogSpec | None = None
     state_file: PathOrFlag | None = None
     """Breaker state; empty: $XDG_STATE_HOME/resilience-proxy/state.json; false: off."""
     state: StateSpec | None = None

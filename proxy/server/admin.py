@@ -13,7 +13,7 @@ import ipaddress
 import json
 from datetime import UTC, datetime
 from importlib import resources
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -23,14 +23,38 @@ from prometheus_client.openmetrics.exposition import (
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from proxy import __version__
+from proxy.cache import FallbackStore
+from proxy.clock import Clock
+from proxy.config.model import Config, Route
 from proxy.errors import error_body
+from proxy.observe.metrics import Metrics
+from proxy.pgprobe import ProberSet
+from proxy.resilience.bulkhead import Bulkhead
+from proxy.server.runtime import Registry, Runtime
+from proxy.state import StateBackend
 
-if TYPE_CHECKING:
-    from proxy.config.model import Route
-    from proxy.resilience.bulkhead import Bulkhead
-    from proxy.server.app import ProxyApp
 
-APP_KEY: web.AppKey[ProxyApp] = web.AppKey("proxy_app")
+class AdminContext(Protocol):
+    """What the admin listener reads and drives: the process gives it these (the app
+    object satisfies it), so this module does not depend on the app."""
+
+    clock: Clock
+    metrics: Metrics
+    store: FallbackStore
+    registry: Registry
+    probers: ProberSet
+    runtime: Runtime
+    draining: bool
+    started_at: float
+    state: StateBackend  # the fleet state backend (DESIGN §15)
+
+    @property
+    def config(self) -> Config: ...
+
+    async def reload(self, trigger: str) -> tuple[str, list[str]]: ...
+
+
+APP_KEY: web.AppKey[AdminContext] = web.AppKey("proxy_app")
 OPEN_PATHS = frozenset(("/metrics", "/healthz", "/readyz"))
 BREAKER_ACTIONS = {
     "open": "forced_open",
@@ -77,7 +101,9 @@ def check_token(request: web.Request, token: str | None) -> web.Response | None:
         response = _refuse(401, "this endpoint needs Authorization: Bearer <admin token>")
         response.headers["WWW-Authenticate"] = 'Bearer realm="resilience-proxy"'
         return response
-    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+    # Raw bytes in the header arrive as surrogate escapes: compare bytes, never raise.
+    offered = given.strip().encode("utf-8", "surrogateescape")
+    if not hmac.compare_digest(offered, token.encode("utf-8", "surrogateescape")):
         return _refuse(403, "the admin token is wrong")
     return None
 
@@ -144,7 +170,7 @@ async def readyz(request: web.Request) -> web.Response:
     return _json(body, 503 if status == "fail" else 200, "application/health+json")
 
 
-def status_document(app: ProxyApp) -> dict[str, Any]:
+def status_document(app: AdminContext) -> dict[str, Any]:
     runtime = app.runtime
     config = runtime.config
     now = app.clock.now()
@@ -316,7 +342,7 @@ async def clear_cache(request: web.Request) -> web.Response:
     return _json({"removed": removed, "route": route})
 
 
-def build_admin_app(app: ProxyApp) -> web.Application:
+def build_admin_app(app: AdminContext) -> web.Application:
     admin = web.Application(middlewares=[auth_middleware], client_max_size=64 * 1024)
     admin[APP_KEY] = app
     admin.router.add_get("/metrics", metrics)

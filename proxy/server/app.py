@@ -32,8 +32,9 @@ from proxy.resilience.statefile import (
     restore_breakers,
     save_state,
 )
-from proxy.server.handler import ProxyHandler
-from proxy.server.protocol import ProxyServer
+from proxy.server.admin import build_admin_app
+from proxy.server.handler import Activity, ProxyHandler
+from proxy.server.protocol import ProxyListener
 from proxy.server.runtime import Registry, Runtime, compile_runtime
 from proxy.state import StateBackend, make_backend
 from proxy.state.sharing import BreakerSharing
@@ -73,12 +74,11 @@ class ProxyApp:
         )
         self.watch_interval = watch_interval
         self.draining = False
-        self.active = 0
-        self.last_activity = clock.now()
+        self.activity = Activity(clock)
         self.started_at = clock.wall()
         self._last_failed_hash: str | None = None
         self._reload_lock = asyncio.Lock()
-        self._server: ProxyServer | None = None
+        self._server: ProxyListener | None = None
         self._listener: asyncio.base_events.Server | None = None
         self._admin_runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -89,12 +89,13 @@ class ProxyApp:
         log.set_secrets(config.secrets)
 
     # -- request accounting (for the quiet period) -------------------------------------
-    def requests_started(self) -> None:
-        self.active += 1  # while > 0 the quiet period cannot have begun
+    @property
+    def active(self) -> int:
+        return self.activity.active
 
-    def requests_finished(self) -> None:
-        self.active -= 1
-        self.last_activity = self.clock.now()
+    @property
+    def last_activity(self) -> float:
+        return self.activity.last
 
     def count_unparsed(self, status: int) -> None:
         """A request the listener could not parse (400, 408, 431): counted with route "",
@@ -124,22 +125,18 @@ class ProxyApp:
         self._restore_breakers()
         await self.state.start()  # bounded by state.timeout; never raises
         loop = asyncio.get_running_loop()
-        limits = config.limits
-        self._server = ProxyServer(
-            ProxyHandler(self),
-            head_timeout=limits.client_header_timeout,
+        handler = ProxyHandler(
+            lambda: self.runtime,
+            clock=self.clock,
+            rng=self.rng,
+            metrics=self.metrics,
+            activity=self.activity,
             on_unparsed=self.count_unparsed,
-            handler_cancellation=True,
-            keepalive_timeout=limits.client_idle_timeout,
-            max_line_size=limits.max_header_bytes,
-            max_field_size=limits.max_header_bytes,
-            access_log=None,
         )
+        self._server = ProxyListener(handler)
         self._listener = await loop.create_server(
             self._server, config.listen_host, config.listen_port, reuse_address=True, backlog=1024
         )
-        from proxy.server.admin import build_admin_app
-
         self._admin_runner = web.AppRunner(
             build_admin_app(self), access_log=None, handle_signals=False
         )
@@ -307,7 +304,7 @@ class ProxyApp:
             self._listener.close()
         if self._server is not None:
             left = max(0.0, deadline - clock.now())
-            await self._server.shutdown(left)
+            await self._server.shutdown(left, self.clock.sleep)
         if self._listener is not None:
             await self._listener.wait_closed()
         await self.close()
@@ -331,6 +328,8 @@ class ProxyApp:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+        if self._server is not None:
+            self._server.abort_all()  # what is still connected now is cut
         await self.registry.close()
 
 

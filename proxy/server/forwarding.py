@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from proxy.config.model import Route, Upstream
 from proxy.errors import ProxyError
@@ -56,7 +56,7 @@ def upstream_path(route: Route, path: str) -> str:
     return route.upstream.base_path.rstrip("/") + "/" + rest.lstrip("/")
 
 
-def connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+def connection_tokens(headers: CIMultiDict[str]) -> frozenset[str]:
     values = headers.getall("Connection", ())
     if not values:
         return frozenset()
@@ -64,7 +64,7 @@ def connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
 
 
 class ClientInfo(Protocol):
-    """What X-Forwarded-* need from the client connection (an aiohttp request)."""
+    """What X-Forwarded-* and Link rewriting need from the client's request."""
 
     @property
     def remote(self) -> str | None: ...
@@ -84,19 +84,26 @@ class HeaderPlan:
     injected: tuple[tuple[str, str], ...]
     host: str
     forwarded: bool
+    request_id: bool  # send a generated X-Request-Id
 
     @classmethod
     def for_upstream(cls, upstream: Upstream) -> HeaderPlan:
         # Content-Length is recomputed by the upstream client from the body it sends.
         skip = HOP_BY_HOP | {"host", "expect", "content-length"}
         skip |= {name for name, _ in upstream.headers}
-        return cls(skip, upstream.headers, upstream.host, upstream.forwarded_headers)
+        return cls(
+            skip, upstream.headers, upstream.host, upstream.forwarded_headers, upstream.request_id
+        )
 
 
 def build_upstream_headers(
-    incoming: CIMultiDictProxy[str], plan: HeaderPlan, client: ClientInfo
+    incoming: CIMultiDict[str],
+    plan: HeaderPlan,
+    client: ClientInfo,
+    generated_id: str | None = None,
 ) -> CIMultiDict[str]:
-    """The request headers to send upstream (DESIGN §5 "Headers")."""
+    """The request headers to send upstream (DESIGN §5 "Headers"); `generated_id` is the
+    request ID the proxy made up (the client sent none), sent where the upstream wants it."""
     skip = plan.skip
     if "Connection" in incoming:
         skip = skip | connection_tokens(incoming)
@@ -116,6 +123,8 @@ def build_upstream_headers(
     for name, value in plan.injected:
         out[name] = value
     out.add("Via", VIA_VALUE)
+    if generated_id is not None and plan.request_id:
+        out["X-Request-Id"] = generated_id
     if forwarded:
         client_ip = client.remote
         if client_ip:
@@ -128,29 +137,51 @@ def build_upstream_headers(
     return out
 
 
-def build_client_headers(
+# Never relayed from an upstream answer as is: the listener frames the answer itself.
+_FRAMING = frozenset(("content-length",))
+
+
+def client_head_lines(
     upstream_headers: Iterable[tuple[str, str]],
     connection: list[str],
     route: Route,
     client: ClientInfo | None = None,
-) -> CIMultiDict[str]:
-    """Response headers for the client: hop-by-hop removed, Via added, Location rewritten."""
+) -> tuple[str, str | None]:
+    """Response header lines for the client ("Name: value\\r\\n" each) and the
+    upstream's Content-Length: hop-by-hop removed, Location and Link rewritten. `Via` is
+    the route's prebuilt part, added by the caller."""
     drop = HOP_BY_HOP
     if connection:
         drop = drop | frozenset(t.strip().lower() for v in connection for t in v.split(","))
-    out: CIMultiDict[str] = CIMultiDict()
+    lines = []
+    length: str | None = None
     for name, value in upstream_headers:
         lname = name.lower()
         if lname in drop:
+            continue
+        if lname == "content-length":
+            if length is None:
+                length = value
             continue
         if lname == "location":
             value = rewrite_location(value, route)
         elif lname == "link" and route.upstream.url in value:
             origin = f"{client.scheme}://{client.host}" if client is not None else ""
             value = rewrite_link(value, route, origin)
-        out.add(name, value)
-    out.add("Via", VIA_VALUE)
-    return out
+        lines.append(f"{name}: {value}\r\n")
+    return "".join(lines), length
+
+
+def stored_head_lines(headers: Iterable[tuple[str, str]], replaced: frozenset[str]) -> str:
+    """Header lines of a stored or static answer, without framing and the `replaced` names
+    (lower-case) that the caller sets itself."""
+    return "".join(
+        f"{name}: {value}\r\n"
+        for name, value in headers
+        if (lname := name.lower()) not in replaced
+        and lname not in _FRAMING
+        and lname not in HOP_BY_HOP
+    )
 
 
 def rewrite_location(location: str, route: Route) -> str:

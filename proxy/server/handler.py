@@ -1,114 +1,225 @@
 """The proxy listener's request handler: refuse, route, run the pipeline, stream back.
 
 Per request it reads the live `Runtime` once, so a reload never changes a request midway.
+The connection protocol (`proxy.server.protocol`) hands it requests whose framing is
+valid, in order, and frames whatever it answers.
+
+Every answer's head is one bytes join: the status line, the varying lines (the upstream's
+headers, `X-Resilience-Attempts`, `X-Request-Id`) and the route's prebuilt lines (`Via`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
+from email.utils import formatdate
 from functools import partial
-from typing import TYPE_CHECKING
-
-import aiohttp
-from aiohttp import web
-from multidict import CIMultiDict
+from typing import Any
 
 from proxy.cache import cache_status_value
+from proxy.clock import Clock, Rng
+from proxy.config.model import Limits
 from proxy.errors import (
     MESSAGES,
-    RETRY_AFTER_FAILURES,
+    RESILIENCE_REASONS,
     STATUS_FOR_FAILURE,
+    BadRequestBody,
+    BodyTooLarge,
+    ClientBodyTimeout,
     ProxyError,
     error_body,
 )
-from proxy.headers import VIA_VALUE
-from proxy.observe.metrics import RequestRecord, observe_unrouted
-from proxy.server.body import BodyTooLarge, ClientBodyTimeout, prepare_body
+from proxy.headers import HOP_BY_HOP, VIA_VALUE
+from proxy.observe.access import client_request_id, new_request_id, trace_id
+from proxy.observe.metrics import Metrics, RequestRecord, observe_unrouted
 from proxy.server.forwarding import (
-    build_client_headers,
     build_upstream_headers,
+    client_head_lines,
     split_target,
+    stored_head_lines,
     upstream_path,
 )
-from proxy.stages.call import EMPTY_BODY, Call, RequestBody, Result
+from proxy.server.protocol import Request, encode_head
+from proxy.server.runtime import RouteRuntime, Runtime
+from proxy.stages.call import EMPTY_BODY, Call, RequestBody, Result, prepare_body
 from proxy.upstream import UpstreamBodyError
 
-if TYPE_CHECKING:
-    from proxy.config.model import Limits
-    from proxy.server.app import ProxyApp
-    from proxy.server.runtime import RouteRuntime, Runtime
-
 _NO_BODY_STATUSES = frozenset((204, 304))
-_JSON = "application/json"
+_CLOSING_STATUSES = frozenset((400, 408, 413, 431, 501, 505))
+_VIA_LINE = f"Via: {VIA_VALUE}\r\n".encode()
+_JSON_LINE = "Content-Type: application/json\r\n"
+# Set by the handler on stored and static answers: the stored value, if any, is replaced.
+_STALE_SET = frozenset(
+    ("age", "x-resilience-fallback", "x-resilience-reason", "cache-status", "x-resilience-attempts")
+)
+_STATIC_SET = _STALE_SET - {"age"}
+# Refusals that say when to come back (Retry-After on the proxy's own answer).
+_RETRY_AFTER = frozenset(("breaker-open", "quota", "rate-limited"))
+# Refusals that sent nothing upstream (Cache-Status says `hit`, not `fwd=stale`).
+_NOT_FORWARDED = frozenset(("breaker-open", "bulkhead-full", "quota", "rate-limited"))
+# What may fail while relaying an upstream body: the idle timeout, or the body breaking off.
+_BODY_FAILURES = (TimeoutError, UpstreamBodyError)
+
+
+class _DateLine:
+    """`Date: <IMF-fixdate>\\r\\n` (RFC 9110 §6.6.1), formatted once per second."""
+
+    __slots__ = ("clock", "line", "second")
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.second = -1
+        self.line = ""
+
+    def __call__(self) -> str:
+        second = int(self.clock.wall())
+        if second != self.second:
+            self.second = second
+            self.line = f"Date: {formatdate(second, usegmt=True)}\r\n"
+        return self.line
+
+
+class Activity:
+    """In-flight requests and the time of the last one, for the shutdown's quiet period."""
+
+    __slots__ = ("active", "clock", "last")
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.active = 0
+        self.last = clock.now()
+
+    def started(self) -> None:
+        self.active += 1  # while > 0 the quiet period cannot have begun
+
+    def finished(self) -> None:
+        self.active -= 1
+        self.last = self.clock.now()
 
 
 class ProxyHandler:
-    """aiohttp low-level handler for the proxy listener."""
+    """The listener's application: it answers each request the connection hands it."""
 
-    def __init__(self, app: ProxyApp) -> None:
-        self.app = app
+    def __init__(
+        self,
+        runtime: Callable[[], Runtime],
+        *,
+        clock: Clock,
+        rng: Rng,
+        metrics: Metrics,
+        activity: Activity,
+        on_unparsed: Callable[[int], None] | None = None,
+    ) -> None:
+        self._runtime = runtime
+        # Counts a request the connection refused (route "", outcome rejected, DESIGN §9).
+        self._on_unparsed = on_unparsed
+        self.clock = clock
+        self.rng = rng
+        self.metrics = metrics
+        self.activity = activity
+        self.date = _DateLine(clock)
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        app = self.app
-        app.requests_started()
+    # -- what the connection asks -------------------------------------------------------
+    def limits(self) -> Limits:
+        return self._runtime().config.limits
+
+    def underscores(self) -> str:
+        return self._runtime().config.headers_with_underscores
+
+    def refuse(self, req: Request, error: ProxyError) -> None:
+        """A request the connection refused (bad framing, slow or large head)."""
+        rid = client_request_id(req.headers.get("X-Request-Id")) or new_request_id(self.rng)
+        if self._on_unparsed is not None:
+            self._on_unparsed(error.status)
+        else:
+            observe_unrouted(self.metrics, "OTHER", error.status, "rejected", 0.0)
+        tail = f"X-Request-Id: {rid}\r\n{self.date()}"
+        _send_error(req, tail, error.status, error.reason, "", error.message, None)
+        access = self._runtime().access
+        if access is not None and access.wanted(error.status, "rejected", 0.0):
+            access.emit(_access_fields(req, None, rid, error.status, "rejected", None, 0.0))
+
+    async def handle(self, req: Request) -> None:
+        activity = self.activity
+        activity.started()
         try:
-            return await self._handle(request)
+            await self._handle(req)
         finally:
-            app.requests_finished()
+            activity.finished()
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        app = self.app
-        clock = app.clock
+    # -- one request ------------------------------------------------------------------------
+    async def _handle(self, req: Request) -> None:
+        clock = self.clock
         start = clock.now()
-        runtime = app.runtime
-        method = request.method
+        runtime = self._runtime()
+        method = req.method
+        incoming = req.headers
+        client_id = client_request_id(incoming.get("X-Request-Id"))
+        rid = client_id or new_request_id(self.rng)
+        ident = f"X-Request-Id: {rid}\r\n"  # on every answer (DESIGN §13)
         try:
-            rt, path_qs = self._admit(request, runtime)
+            rt, path_qs = _admit(req, runtime)
         except ProxyError as exc:
             outcome = "no-route" if exc.status == 404 else "rejected"
-            observe_unrouted(app.metrics, method, exc.status, outcome, clock.now() - start)
-            return _error_response(exc.status, exc.reason, exc.route, exc.message, attempts=None)
+            duration = clock.now() - start
+            observe_unrouted(self.metrics, method, exc.status, outcome, duration)
+            tail = ident + self.date()
+            _send_error(req, tail, exc.status, exc.reason, exc.route, exc.message, None)
+            access = runtime.access
+            if access is not None and access.wanted(exc.status, outcome, duration):
+                access.emit(_access_fields(req, None, rid, exc.status, outcome, None, duration))
+            return
 
         record = RequestRecord(method)
-        response: web.StreamResponse | None = None
         result: Result | None = None
         try:
             try:
-                body = await self._read_body(request, rt, runtime.config.limits)
+                body = await _read_body(req, rt, runtime.config.limits)
             except ProxyError as exc:
                 record.code, record.outcome = exc.status, "rejected"
-                response = _error_response(exc.status, exc.reason, rt.name, exc.message, None)
-                return response
-            incoming = request.headers
-            make_headers = partial(build_upstream_headers, incoming, rt.header_plan, request)
+                tail = ident + self.date()
+                _send_error(req, tail, exc.status, exc.reason, rt.name, exc.message, None)
+                return
+            make_headers = partial(
+                build_upstream_headers,
+                incoming,
+                rt.header_plan,
+                req,
+                None if client_id is not None else rid,
+            )
             call = Call(method, path_qs, make_headers, incoming, body, record, None)
+            if not req.http10:
+                call.on_interim = partial(_relay_interim, req)
             if rt.failover:  # each target builds its own headers (Host, credentials)
-                call.for_target = partial(build_upstream_headers, incoming, client=request)
+                call.for_target = partial(
+                    build_upstream_headers,
+                    incoming,
+                    client=req,
+                    generated_id=None if client_id is not None else rid,
+                )
             if rt.idempotency_header is not None:
                 call.has_idempotency_key = rt.idempotency_header in incoming
             caller_ms = incoming.get("X-Resilience-Timeout-Ms")
-            if caller_ms is not None and caller_ms.isdigit() and int(caller_ms) > 0:
-                call.deadline = start + int(caller_ms) / 1000.0
+            if caller_ms is not None:
+                # A positive integer of ASCII digits (DESIGN §6); anything else is ignored.
+                if caller_ms.isascii() and caller_ms.isdigit() and len(caller_ms) <= 12:
+                    ms = int(caller_ms)
+                    if ms > 0:
+                        call.deadline = start + ms / 1000.0
             try:
                 result = await rt.pipeline(call)
-            except ClientBodyTimeout:
-                record.code, record.outcome = 408, "rejected"
-                return _error_response(
-                    408, "client-timeout", rt.name, "the request body arrived too slowly", None
-                )
-            except BodyTooLarge:
-                record.code, record.outcome = 413, "rejected"
-                limit = runtime.config.limits.max_request_body
-                return _error_response(
-                    413, "body-too-large", rt.name, f"the request body exceeds {limit} bytes", None
-                )
+            except _CLIENT_BODY_ERRORS as exc:  # while the body streamed upstream
+                error = _client_body_error(exc, runtime.config.limits)
+                record.code, record.outcome = error.status, "rejected"
+                tail = ident + self.date()
+                _send_error(req, tail, error.status, error.reason, rt.name, error.message, None)
+                return
             attempts = len(record.attempts)
             if result.response is not None:
-                response = await self._stream(request, rt, result, record, attempts)
-                return response
-            response = self._local(result, rt, record, attempts)
-            return response
+                await _stream(req, rt, result, record, attempts, ident, self.date)
+            else:
+                _local(req, result, rt, record, attempts, ident, self.date)
         except asyncio.CancelledError:
             record.code, record.outcome = 499, "client-cancelled"
             raise
@@ -119,238 +230,276 @@ class ProxyHandler:
                 result.discard() if record.outcome == "client-cancelled" else result.finish()
             end = clock.now()
             rt.metrics.observe(record, end - start, rt.retry_enabled, end)
+            access = runtime.access
+            if access is not None and access.wanted(record.code, record.outcome, end - start):
+                access.emit(
+                    _access_fields(req, rt, rid, record.code, record.outcome, record, end - start)
+                )
 
-    def _admit(self, request: web.BaseRequest, runtime: Runtime) -> tuple[RouteRuntime, str]:
-        """Every refusal of DESIGN §5, then route matching; returns the route and upstream path."""
-        method = request.method
-        if method == "CONNECT":
-            raise ProxyError.bad_request("CONNECT is not supported: this is not a forward proxy")
-        raw = request.raw_path
-        limits = runtime.config.limits
-        head = len(method) + len(raw) + 12
-        for name, value in request.raw_headers:
-            head += len(name) + len(value) + 4
-        if head > limits.max_header_bytes:
-            raise ProxyError.head_too_large(limits.max_header_bytes)
-        headers = request.headers
-        for via in headers.getall("Via", ()):
+
+def _admit(req: Request, runtime: Runtime) -> tuple[RouteRuntime, str]:
+    """The refusals of DESIGN §5 the connection leaves to us, then route matching; returns
+    the route and the upstream path."""
+    headers = req.headers
+    if "Via" in headers:
+        for via in headers.getall("Via"):
             if "resilience-proxy" in via:
                 raise ProxyError(508, "loop", "the request already passed through this proxy")
-        upgrade = headers.get("Upgrade")
-        if upgrade is not None and upgrade.strip().lower() != "h2c":
-            # An h2c offer (`curl --http2`) may be ignored (RFC 9110 §7.8): the request is
-            # served over HTTP/1.1. Anything else (WebSocket) needs a tunnel we do not offer.
-            raise ProxyError(501, "upgrade", "protocol upgrades (WebSocket) are not supported")
-        path, query = split_target(raw)
-        rt = runtime.match(path, request.host, method)
-        if rt is None:
-            raise ProxyError(404, "no-route", "no route matches this request")
-        return rt, upstream_path(rt.route, path) + query
+    upgrade = headers.get("Upgrade")
+    if upgrade is not None and upgrade.strip().lower() != "h2c":
+        # An h2c offer (`curl --http2`) may be ignored (RFC 9110 §7.8): the request is
+        # served over HTTP/1.1. Anything else (WebSocket) needs a tunnel we do not offer.
+        raise ProxyError(501, "upgrade", "protocol upgrades (WebSocket) are not supported")
+    path, query = split_target(req.target)
+    rt = runtime.match(path, req.host, req.method)
+    if rt is None:
+        raise ProxyError(404, "no-route", "no route matches this request")
+    return rt, upstream_path(rt.route, path) + query
 
-    async def _read_body(
-        self, request: web.BaseRequest, rt: RouteRuntime, limits: Limits
-    ) -> RequestBody:
-        """The request body, read under the limits of the config the request started with."""
-        if not request.body_exists:
-            return EMPTY_BODY  # most requests: nothing to read, check or buffer
-        replay = rt.replay_body
-        fallback = rt.route.fallback
-        if fallback is not None and request.method not in ("GET", "HEAD"):
-            if request.method in fallback.methods:
-                replay = max(replay, 64 * 1024)
-        length = request.content_length
-        chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
-        if length is not None and length > limits.max_request_body:
-            raise ProxyError.body_too_large(limits.max_request_body)
-        if request.headers.get("Expect", "").lower() == "100-continue" and (length or chunked):
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        try:
-            return await prepare_body(
-                request.content,
-                content_length=length,
-                chunked=chunked,
-                max_body=limits.max_request_body,
-                replay_limit=replay,
-                gap=limits.client_body_timeout,
-            )
-        except ClientBodyTimeout:
-            raise ProxyError(408, "client-timeout", "the request body arrived too slowly") from None
 
-    async def _stream(
-        self,
-        request: web.BaseRequest,
-        rt: RouteRuntime,
-        result: Result,
-        record: RequestRecord,
-        attempts: int,
-    ) -> web.StreamResponse:
-        upstream = result.response
-        assert upstream is not None
-        status = upstream.status
-        record.code = status
-        record.outcome = "upstream-status" if status >= 500 or status == 429 else "ok"
-        up_headers = upstream.headers
-        target = record.target
-        headers = build_client_headers(
-            up_headers.items(),
-            up_headers.getall("Connection", []),
-            rt.target_routes[target],
-            request,
+async def _read_body(req: Request, rt: RouteRuntime, limits: Limits) -> RequestBody:
+    """The request body, read under the limits of the config the request started with."""
+    stream = req.body
+    if stream is None:
+        return EMPTY_BODY  # most requests: nothing to read, check or buffer
+    replay = rt.replay_body
+    fallback = rt.route.fallback
+    method = req.method
+    if fallback is not None and method not in ("GET", "HEAD") and method in fallback.methods:
+        replay = max(replay, 64 * 1024)
+    length = req.content_length
+    if length is not None and length > limits.max_request_body:
+        raise ProxyError.body_too_large(limits.max_request_body)
+    req.send_continue()  # after the size checks (DESIGN §5)
+    try:
+        return await prepare_body(
+            stream, content_length=length, max_body=limits.max_request_body, replay_limit=replay
         )
-        headers["X-Resilience-Attempts"] = str(attempts)
-        if rt.failover:
-            headers["X-Resilience-Upstream"] = rt.target_names[target]
-        writer = result.writer
-        content = upstream.content
-        if request.method == "HEAD" or status in _NO_BODY_STATUSES:
-            response: web.StreamResponse = StreamedResponse(
-                status=status, reason=upstream.reason, headers=headers
-            )
-            await response.prepare(request)
-            if writer is not None:
-                writer.finish()
-                result.writer = None
-            upstream.release()
-            return response
-        if content.is_eof():
-            # The whole body arrived with the head (most API answers): one write, no timer.
-            body = content.read_nowait()
-            if writer is not None:
-                writer.feed(body)
-                writer.finish()
-                result.writer = None
-            upstream.release()
-            headers.popall("Content-Length", None)  # recomputed from the complete body
-            return WholeResponse(status=status, reason=upstream.reason, headers=headers, body=body)
-        response = StreamedResponse(status=status, reason=upstream.reason, headers=headers)
-        await response.prepare(request)
-        idle = rt.route.timeout.idle
-        client = rt.state.targets[target].client
-        client.streaming += 1
-        try:
-            while True:
-                chunk = content.read_nowait()
-                if not chunk:
-                    if content.is_eof():
-                        break
-                    # Nothing buffered: only now does the idle timeout need a timer.
-                    if idle is None:
-                        chunk = await content.readany()
-                    else:
-                        async with asyncio.timeout(idle):
-                            chunk = await content.readany()
-                    if not chunk:
-                        break
-                if writer is not None:
-                    writer.feed(chunk)
-                await response.write(chunk)
-        except (TimeoutError, aiohttp.ClientError, UpstreamBodyError) as exc:
-            # Bytes already reached the client: the only honest signal left is to cut the
-            # connection, so the client sees an incomplete response rather than a short one.
-            record.outcome = "timeout" if isinstance(exc, TimeoutError) else "reset"
-            if writer is not None:
-                writer.abort()
-                result.writer = None
-            upstream.close()
-            if request.transport is not None:
-                request.transport.close()
-            return response
-        finally:
-            client.streaming -= 1
+    except _CLIENT_BODY_ERRORS as exc:
+        raise _client_body_error(exc, limits) from None
+
+
+_CLIENT_BODY_ERRORS = (ClientBodyTimeout, BodyTooLarge, BadRequestBody)
+
+
+def _client_body_error(exc: Exception, limits: Limits) -> ProxyError:
+    """The answer to a request body the client got wrong: too slow, too large, malformed."""
+    if isinstance(exc, ClientBodyTimeout):
+        return ProxyError(408, "client-timeout", "the request body arrived too slowly")
+    if isinstance(exc, BodyTooLarge):
+        return ProxyError.body_too_large(limits.max_request_body)
+    return ProxyError.bad_request("the request body could not be parsed")
+
+
+def _relay_interim(req: Request, status: int, headers: list[tuple[str, str]]) -> None:
+    """103 Early Hints to an HTTP/1.1 client, hop-by-hop fields removed; other 1xx are
+    consumed. Not a response byte for retry, failover or fallback decisions."""
+    if status != 103:
+        return
+    lines = "".join(f"{n}: {v}\r\n" for n, v in headers if n.lower() not in HOP_BY_HOP)
+    req.send_interim(103, lines)
+
+
+async def _stream(
+    req: Request,
+    rt: RouteRuntime,
+    result: Result,
+    record: RequestRecord,
+    attempts: int,
+    ident: str,
+    date: Callable[[], str],
+) -> None:
+    upstream = result.response
+    assert upstream is not None
+    status = upstream.status
+    record.code = status
+    record.outcome = "upstream-status" if status >= 500 or status == 429 else "ok"
+    up_headers = upstream.headers
+    target = record.target
+    lines, length = client_head_lines(
+        up_headers.items(), up_headers.getall("Connection", []), rt.target_routes[target], req
+    )
+    if "Date" not in up_headers:
+        lines += date()  # a proxy appends the Date an upstream left out (RFC 9110 §6.6.1)
+    head = b"".join(
+        (
+            encode_head(f"{lines}X-Resilience-Attempts: {attempts}\r\n{ident}"),
+            rt.head_suffixes[target],
+        )
+    )
+    writer = result.writer
+    content = upstream.content
+    if req.method == "HEAD" or status in _NO_BODY_STATUSES:
+        # Content-Length passes through on HEAD and 304, and is dropped on 204.
+        req.start(status, upstream.reason, head, None if status == 204 else length, bodiless=True)
         if writer is not None:
             writer.finish()
             result.writer = None
         upstream.release()
-        await response.write_eof()
-        return response
+        return
+    if content.is_eof():
+        # The whole body arrived with the head (most API answers): one write, no timer.
+        body = content.read_nowait()
+        if writer is not None:
+            writer.feed(body)
+            writer.finish()
+            result.writer = None
+        upstream.release()
+        req.send_whole(status, upstream.reason, head, body)  # Content-Length recomputed
+        return
+    req.start(status, upstream.reason, head, length)
+    idle = rt.route.timeout.idle
+    client = rt.state.targets[target].client
+    client.streaming += 1
+    try:
+        while True:
+            chunk = content.read_nowait()
+            if not chunk:
+                if content.is_eof():
+                    break
+                # Nothing buffered: only now does the idle timeout need a timer.
+                if idle is None:
+                    chunk = await content.readany()
+                else:
+                    async with asyncio.timeout(idle):
+                        chunk = await content.readany()
+                if not chunk:
+                    break
+            if writer is not None:
+                writer.feed(chunk)
+            await req.write(chunk)
+    except _BODY_FAILURES as exc:
+        # Bytes already reached the client: the only honest signal left is to cut the
+        # connection, so the client sees an incomplete response rather than a short one.
+        record.outcome = "timeout" if isinstance(exc, TimeoutError) else "reset"
+        if writer is not None:
+            writer.abort()
+            result.writer = None
+        upstream.close()
+        req.abort()
+        return
+    finally:
+        client.streaming -= 1
+    if writer is not None:
+        writer.finish()
+        result.writer = None
+    upstream.release()
+    req.end()
 
-    def _local(
-        self, result: Result, rt: RouteRuntime, record: RequestRecord, attempts: int
-    ) -> web.StreamResponse:
-        failure = result.failure
-        reason = failure if failure in STATUS_FOR_FAILURE else "upstream-status"
-        # On a failover route: the target whose failure (or refusal) this answer stands for.
-        upstream = rt.target_names[record.target] if rt.failover else None
-        if result.stale is not None:
-            hit = result.stale
-            headers = CIMultiDict(hit.headers)
-            headers["Age"] = str(hit.age)
-            headers["X-Resilience-Fallback"] = "stale"
-            headers["X-Resilience-Reason"] = reason
-            headers["Cache-Status"] = cache_status_value(
-                hit,
-                forwarded=failure not in ("breaker-open", "bulkhead-full", "quota"),
-                fwd_status=result.attempt.status if result.attempt is not None else None,
-            )
-            headers["X-Resilience-Attempts"] = str(attempts)
-            if upstream is not None:
-                headers["X-Resilience-Upstream"] = upstream
-            headers.add("Via", VIA_VALUE)
-            record.code, record.outcome = hit.status, "fallback-stale"
-            return WholeResponse(status=hit.status, headers=headers, body=hit.body)
-        if result.static is not None:
-            static = result.static
-            headers = CIMultiDict(static.headers)
-            headers["X-Resilience-Fallback"] = "static"
-            headers["X-Resilience-Reason"] = reason
-            headers["X-Resilience-Attempts"] = str(attempts)
-            if upstream is not None:
-                headers["X-Resilience-Upstream"] = upstream
-            headers["Cache-Status"] = "resilience-proxy; fwd=uri-miss; detail=static-fallback"
-            headers.add("Via", VIA_VALUE)
-            record.code, record.outcome = static.status, "fallback-static"
-            return WholeResponse(status=static.status, headers=headers, body=static.body)
-        failure = failure or "reset"
-        status = STATUS_FOR_FAILURE.get(failure, 502)
-        record.code, record.outcome = status, failure
-        extra = {} if upstream is None else {"X-Resilience-Upstream": upstream}
-        if failure in RETRY_AFTER_FAILURES and result.retry_after is not None:
-            extra["Retry-After"] = str(max(1, math.ceil(result.retry_after)))
-        return _error_response(
-            status, failure, rt.name, MESSAGES.get(failure, "upstream failure"), attempts, extra
+
+def _local(
+    req: Request,
+    result: Result,
+    rt: RouteRuntime,
+    record: RequestRecord,
+    attempts: int,
+    ident: str,
+    date: Callable[[], str],
+) -> None:
+    """A fallback (stale or static) or the proxy's own error answer."""
+    failure = result.failure
+    reason = failure if failure in STATUS_FOR_FAILURE else "upstream-status"
+    # Via, and on a failover route the target whose failure (or refusal) this stands for.
+    suffix = rt.head_suffixes[record.target]
+    if result.stale is not None:
+        hit = result.stale
+        # A stored answer keeps its own Date (its Age counts from it).
+        tail = ident if any(n.lower() == "date" for n, _ in hit.headers) else ident + date()
+        status_value = cache_status_value(
+            hit,
+            forwarded=failure not in _NOT_FORWARDED,
+            fwd_status=result.attempt.status if result.attempt is not None else None,
         )
+        lines = (
+            f"{stored_head_lines(hit.headers, _STALE_SET)}Age: {hit.age}\r\n"
+            f"X-Resilience-Fallback: stale\r\nX-Resilience-Reason: {reason}\r\n"
+            f"Cache-Status: {status_value}\r\nX-Resilience-Attempts: {attempts}\r\n{tail}"
+        )
+        record.code, record.outcome = hit.status, "fallback-stale"
+        head_length = None
+        if req.method == "HEAD":  # a GET entry served as headers only keeps its length
+            head_length = next((v for n, v in hit.headers if n.lower() == "content-length"), None)
+        req.send_whole(
+            hit.status, "", encode_head(lines) + suffix, hit.body, head_length=head_length
+        )
+        return
+    tail = ident + date()
+    if result.static is not None:
+        static = result.static
+        lines = (
+            f"{stored_head_lines(static.headers, _STATIC_SET)}X-Resilience-Fallback: static\r\n"
+            f"X-Resilience-Reason: {reason}\r\nX-Resilience-Attempts: {attempts}\r\n"
+            f"Cache-Status: resilience-proxy; fwd=uri-miss; detail=static-fallback\r\n{tail}"
+        )
+        record.code, record.outcome = static.status, "fallback-static"
+        req.send_whole(static.status, "", encode_head(lines) + suffix, static.body)
+        return
+    failure = failure or "reset"
+    status = STATUS_FOR_FAILURE.get(failure, 502)
+    record.code, record.outcome = status, failure
+    extra = None
+    if failure in _RETRY_AFTER and result.retry_after is not None:
+        extra = f"Retry-After: {max(1, math.ceil(result.retry_after))}\r\n"
+    message = MESSAGES.get(failure, "upstream failure")
+    _send_error(req, tail, status, failure, rt.name, message, attempts, extra, suffix)
 
 
-class _AddsNothing(web.StreamResponse):
-    """aiohttp adds `Server` and a default `Content-Type` while preparing a response; the
-    proxy relays what the upstream sent and nothing else (and does not advertise its own
-    software on the answers it makes itself), so those are taken back out."""
-
-    async def _prepare_headers(self) -> None:
-        headers = self.headers
-        absent = [name for name in ("Server", "Content-Type") if name not in headers]
-        await super()._prepare_headers()
-        for name in absent:
-            headers.popall(name, None)
-
-
-class StreamedResponse(_AddsNothing):
-    """An upstream response relayed as its body arrives."""
-
-
-class WholeResponse(_AddsNothing, web.Response):
-    """A complete response (upstream, fallback or the proxy's own), sent in one write."""
-
-
-def _error_response(
+def _send_error(
+    req: Request,
+    tail: str,
     status: int,
     reason: str,
     route: str,
     message: str,
     attempts: int | None,
-    extra: dict[str, str] | None = None,
-) -> web.Response:
-    headers = CIMultiDict({"Content-Type": _JSON})
-    if reason in STATUS_FOR_FAILURE:
-        headers["X-Resilience-Reason"] = reason
+    extra: str | None = None,
+    suffix: bytes = _VIA_LINE,
+) -> None:
+    """The proxy's own JSON error answer (DESIGN §6)."""
+    parts = [_JSON_LINE]
+    if reason in RESILIENCE_REASONS:  # e.g. not no-route, bad-request
+        parts.append(f"X-Resilience-Reason: {reason}\r\n")
     if attempts is not None:
-        headers["X-Resilience-Attempts"] = str(attempts)
+        parts.append(f"X-Resilience-Attempts: {attempts}\r\n")
     if extra:
-        headers.update(extra)
-    headers["Via"] = VIA_VALUE
-    response = WholeResponse(
-        status=status, headers=headers, body=error_body(reason, route, message)
+        parts.append(extra)
+    parts.append(tail)  # X-Request-Id and Date
+    if status in _CLOSING_STATUSES:
+        req.close_after()
+    req.send_whole(
+        status, "", encode_head("".join(parts)) + suffix, error_body(reason, route, message)
     )
-    if status in (400, 408, 413, 431, 501):
-        response.force_close()
-    return response
+
+
+def _access_fields(
+    req: Request,
+    rt: RouteRuntime | None,
+    rid: str,
+    status: int,
+    outcome: str,
+    record: RequestRecord | None,
+    duration: float,
+) -> dict[str, Any]:
+    """One access-log line (DESIGN §13): never the query string or a header value."""
+    attempts = record.attempts if record is not None else []
+    target = record.target if record is not None else 0
+    breaker = rt.state.targets[target].breaker if rt is not None else None
+    fallback = outcome[len("fallback-") :] if outcome.startswith("fallback-") else None
+    return {
+        "route": rt.name if rt is not None else "",
+        "upstream": rt.target_names[target] if rt is not None else "",
+        "method": req.method,
+        "path": req.target.partition("?")[0],
+        "status": status,
+        "outcome": outcome,
+        "attempts": len(attempts),
+        "retry_reasons": list(record.retries) if record is not None else [],
+        "fallback": fallback,
+        "breaker": breaker.state if breaker is not None else None,
+        "duration_ms": round(duration * 1000, 3),
+        "upstream_ms": round(sum(a[1] for a in attempts) * 1000, 3),
+        "bytes_in": req.body.received if req.body is not None else 0,
+        "bytes_out": req.bytes_out,
+        "request_id": rid,
+        "trace_id": trace_id(req.headers.get("traceparent")),
+    }

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from proxy.cache import FallbackStore
 from proxy.clock import Clock, Rng
 from proxy.config.model import Config, RetryPolicy, Route, Upstream
+from proxy.headers import VIA_VALUE
+from proxy.observe.access import AccessLog
 from proxy.observe.causes import FailureLog
 from proxy.observe.events import EventBus
 from proxy.observe.metrics import BreakerView, Metrics, RouteMetrics
@@ -56,6 +58,9 @@ class RouteRuntime:
     failover: bool  # the route has more than one target
     idempotency_header: str | None  # lower-case; None: no retry or failover to unlock
     replay_body: int  # request bodies up to this are buffered for replay
+    # Per target: the response header lines every answer from it ends with (Via, and
+    # on a failover route X-Resilience-Upstream), built once here.
+    head_suffixes: tuple[bytes, ...]
 
     def matches(self, path: str, host: str, method: str) -> bool:
         prefix = self.prefix  # segment-wise: /api (or /api/) matches /api and /api/x, not /apix
@@ -82,6 +87,7 @@ class Runtime:
     config: Config
     routes: tuple[RouteRuntime, ...]
     loaded_at: float  # wall time
+    access: AccessLog | None = None  # None: access_log disabled, no work per request
 
     def match(self, path: str, host: str, method: str) -> RouteRuntime | None:
         for rt in self.routes:
@@ -253,6 +259,13 @@ class Registry:
             yield route, upstream, bulkhead.in_flight, bulkhead.queued
 
 
+def _head_suffix(upstream: str | None) -> bytes:
+    lines = f"Via: {VIA_VALUE}\r\n"
+    if upstream is not None:
+        lines += f"X-Resilience-Upstream: {upstream}\r\n"
+    return lines.encode()
+
+
 def compile_runtime(
     config: Config,
     registry: Registry,
@@ -294,7 +307,9 @@ def compile_runtime(
                 failover=failover,
                 idempotency_header=idempotency,
                 replay_body=replay,
+                head_suffixes=tuple(_head_suffix(t.name if failover else None) for t in targets),
             )
         )
     registry.prune(config)
-    return Runtime(config, tuple(routes), clock.wall())
+    access = AccessLog.build(config.access_log, rng)
+    return Runtime(config, tuple(routes), clock.wall(), access)

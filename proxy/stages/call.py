@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from multidict import CIMultiDict
 
+from proxy.errors import ProxyError
 from proxy.observe.metrics import RequestRecord
 
 if TYPE_CHECKING:
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
 
 
 class ByteSource(Protocol):
+    """The client's body as the listener delivers it: `readany()` is the next chunk (b"" at
+    the end); it enforces the client limits itself (gap timeout, size) by raising."""
+
     async def readany(self) -> bytes: ...
 
 
@@ -33,20 +37,18 @@ class RequestBody:
     first attempt) or while nothing of the stream has been read yet.
     """
 
-    __slots__ = ("_gap", "_stream", "buffered", "client_error", "consumed", "length", "prefix")
+    __slots__ = ("_stream", "buffered", "client_error", "consumed", "length", "prefix")
 
     def __init__(
         self,
         buffered: bytes | None,
         stream: ByteSource | None = None,
         prefix: bytes = b"",
-        gap_timeout: float | None = None,
         length: int | None = None,
     ) -> None:
         self.buffered = buffered
         self._stream = stream
         self.prefix = prefix
-        self._gap = gap_timeout
         self.consumed = False
         self.length = length
         # Set when reading the client's body failed while streaming it upstream (too slow,
@@ -70,21 +72,50 @@ class RequestBody:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[bytes]:
-        from proxy.server.body import read_gap  # the body reader owns the gap timeout
-
         self.consumed = True
         if self.prefix:
             yield self.prefix
         assert self._stream is not None
         while True:
             try:
-                chunk = await read_gap(self._stream, self._gap)
+                chunk = await self._stream.readany()
             except Exception as exc:
                 self.client_error = exc
                 raise
             if not chunk:
                 return
             yield chunk
+
+
+async def prepare_body(
+    stream: ByteSource,
+    *,
+    content_length: int | None,
+    max_body: int,
+    replay_limit: int,
+) -> RequestBody:
+    """Buffer the body when it fits `replay_limit` (so it can be replayed), else stream it.
+
+    A body of unknown length is read up to `replay_limit`; if it goes on, what was read is
+    sent first and the rest streams (not replayable). The stream enforces `max_body` and
+    the gap timeout while it is read; a declared length over `max_body` is refused here.
+    """
+    if content_length is not None and content_length > max_body:
+        raise ProxyError.body_too_large(max_body)
+    if content_length is not None and content_length > replay_limit:
+        return RequestBody(None, stream, length=content_length)
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await stream.readany()
+        if not chunk:
+            return RequestBody(b"".join(parts), length=size)
+        size += len(chunk)
+        if size > max_body:
+            raise ProxyError.body_too_large(max_body)
+        parts.append(chunk)
+        if size > replay_limit:
+            return RequestBody(None, stream, prefix=b"".join(parts))
 
 
 EMPTY_BODY = RequestBody(b"")
@@ -102,6 +133,7 @@ class Call:
         "has_idempotency_key",
         "hop",
         "method",
+        "on_interim",
         "path_qs",
         "record",
         "request_headers",
@@ -126,6 +158,9 @@ class Call:
         self.record = record
         self.deadline = deadline  # monotonic; None: no total timeout
         self.has_idempotency_key = False
+        # Called with (status, headers) for each 1xx interim answer the upstream sends
+        # (103 Early Hints); the handler relays them to HTTP/1.1 clients.
+        self.on_interim: Callable[[int, list[tuple[str, str]]], None] | None = None
         # Failover routes only: builds the request headers for another target from its
         # `HeaderPlan`, so each target gets its own Host and injected credentials.
         self.for_target: Callable[[HeaderPlan], CIMultiDict[str]] | None = None

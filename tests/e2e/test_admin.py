@@ -160,3 +160,16 @@ async def test_one_log_line_per_retry_without_secrets(proxy_factory, upstream, h
     formatted = "\n".join(JsonFormatter().format(r) for r in caplog.records)
     for secret in (*SECRETS, "querysecret"):
         assert secret not in formatted
+
+
+async def test_a_token_with_non_utf8_bytes_is_refused_not_a_500(proxy):
+    import asyncio
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.admin_port)
+    writer.write(
+        b"POST /reload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n"
+        b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    raw = await asyncio.wait_for(reader.read(-1), 5)
+    writer.close()
+    assert raw.startswith(b"HTTP/1.1 403"), raw[:100]
