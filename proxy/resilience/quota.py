@@ -80,14 +80,16 @@ Headers = MultiMapping[str]
 Adapter = Callable[[int, Headers, bytes | None, float], QuotaReading]
 
 
+_INTEGER = re.compile(r"-?[0-9]{1,18}")  # ASCII digits only (str.isdigit accepts "¹")
+
+
 def _int(value: str | None) -> int | None:
     if value is None:
         return None
     text = value.strip()
-    if not text or not (text.isdigit() or (text[0] == "-" and text[1:].isdigit())):
+    if not _INTEGER.fullmatch(text):
         return None
-    number = int(text)
-    return max(0, number)
+    return max(0, int(text))
 
 
 def _float(value: str | None) -> float | None:

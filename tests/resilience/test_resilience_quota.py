@@ -112,6 +112,12 @@ def test_github_malformed_values_read_as_unknown(headers):
     assert reading.empty
 
 
+def test_non_ascii_digits_read_as_unknown():
+    # found by the property test below: str.isdigit() accepts superscripts that int() refuses
+    for value in ("¹", "٣", "²⁰", "1" * 40):
+        assert read_generic(200, CIMultiDict({"X-RateLimit-Remaining": value}), None, NOW).remaining is None
+
+
 def test_github_malformed_body_is_not_a_secondary_limit():
     for body in (b"{not json", b"[]", b'{"message": 5}', b"\xff\xfe", b""):
         assert not read_github(403, CIMultiDict(), body, NOW).secondary
