@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TextIO
 
 from proxy import __version__
 
@@ -40,24 +40,44 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "version":
-        print(__version__)
+        _write([__version__])
         return 0
     from proxy.config import ConfigInvalid, default_config_path, json_schema, load_config
 
     if args.command == "schema":
-        print(json.dumps(json_schema(), indent=2))
+        _write([json.dumps(json_schema(), indent=2)])
         return 0
     path = args.config or default_config_path(os.environ)
+    out = sys.stderr if args.command == "run" else sys.stdout
     try:
         config = load_config(path)
     except ConfigInvalid as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr if args.command == "run" else sys.stdout)
+        _write([str(problem) for problem in exc.problems], out)
+        return 2
+    except Exception as exc:  # noqa: BLE001 -- a loader bug is a problem line, not a traceback
+        _write([f"{path}: cannot load: internal error ({type(exc).__name__}), please report"], out)
         return 2
     if args.command == "check":
-        print(f"{path}: ok ({len(config.routes)} routes, {len(config.upstreams)} upstreams)")
+        lines = [str(warning) for warning in config.warnings]
+        lines.append(f"{path}: ok ({len(config.routes)} routes, {len(config.upstreams)} upstreams)")
+        _write(lines)
         return 0
     return _run(config, path, args.log_level)
+
+
+def _write(lines: list[str], out: TextIO | None = None) -> None:
+    """Print `lines`; a reader that stops early (`resilience-proxy schema | head`) is not an
+    error: the rest is dropped, the exit status stays the command's own."""
+    out = sys.stdout if out is None else out
+    try:
+        for line in lines:
+            print(line, file=out)
+        out.flush()
+    except BrokenPipeError:
+        # Point the stream at /dev/null so the interpreter's final flush cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
+        os.close(devnull)
 
 
 def _run(config: object, path: str, level: str) -> int:
@@ -66,6 +86,8 @@ def _run(config: object, path: str, level: str) -> int:
 
     assert isinstance(config, Config)
     log.setup(level)
+    for warning in config.warnings:
+        log.warning("config_warning", problem=str(warning))
     runner: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
     try:
         import uvloop

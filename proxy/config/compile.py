@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from proxy.config.loader import Document, Path
+from proxy.config.loader import Document, Path, Problem, format_path
 from proxy.config.model import (
     AccessLogSettings,
     AdminSettings,
@@ -102,6 +103,102 @@ DEFAULT_ADMIN_LISTEN = "127.0.0.1:9901"
 _MIN_SCRUB_LENGTH = 4
 
 T = TypeVar("T")
+_URL_PASSWORD = re.compile(r"(//[^/@:\s]*):[^/@\s]*@")  # scheme://user:PASSWORD@host
+_USERINFO = re.compile(r"//[^/@\s]*@")  # scheme://USERINFO@host
+_TRUE_WORDS = frozenset(("true", "yes", "on", "1", "t", "y"))  # what pydantic reads as true
+
+
+def check_raw(doc: Document, *, require_routes: bool = True) -> None:
+    """Rules checked on the raw tree, before type validation, so that they are reported
+    together with every type error rather than once those are fixed."""
+    data: dict[str, Any] = doc.data
+    version = data.get("version")
+    from_env = isinstance(version, str) and ("version",) in doc.expanded
+    unread = ("version",) in doc.broken  # e.g. 5000 digits: already reported
+    if "version" in data and not (type(version) is int or from_env or unread):
+        doc.problem(("version",), f"must be the integer 1, got {quote(version)}")
+    routes = data.get("routes")
+    if require_routes and (routes is None or routes == []):
+        doc.problem(
+            ("routes",),
+            "no routes: every request would be answered 404; add at least one route",
+        )
+    for base in _breaker_blocks(data):
+        rate = _dig(data, (*base, "failure_rate"))
+        if isinstance(rate, dict) and "window" in rate and "window_calls" in rate:
+            path = (*base, "failure_rate")
+            # Not marked broken: the block's other values are still checked.
+            doc.problems.append(
+                Problem(
+                    doc.source,
+                    doc.line(path),
+                    format_path(path),
+                    "set window or window_calls, not both",
+                )
+            )
+    _check_remote_credentials(doc, data)
+
+
+def _dig(data: Any, path: Path) -> Any:
+    for part in path:
+        if isinstance(data, dict) and isinstance(part, str):
+            data = data.get(part)
+        elif isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data):
+            data = data[part]
+        else:
+            return None
+    return data
+
+
+def _breaker_blocks(data: dict[str, Any]) -> list[Path]:
+    blocks: list[Path] = [("policies", name, "breaker") for name in _mapping(data.get("policies"))]
+    routes = data.get("routes")
+    if isinstance(routes, list):
+        blocks.extend(("routes", index, "breaker") for index in range(len(routes)))
+    return blocks
+
+
+def _check_remote_credentials(doc: Document, data: dict[str, Any]) -> None:
+    """A non-loopback listen while upstreams inject credentials needs allow_remote_clients."""
+    listen = data.get("listen")
+    if not isinstance(listen, str):
+        return  # absent: the loopback default; anything else is a type error
+    try:
+        host, _ = split_host_port(listen)
+    except ValueError:
+        return  # reported by validation
+    allow = data.get("allow_remote_clients")
+    if is_loopback(host) or allow is True or str(allow).strip().lower() in _TRUE_WORDS:
+        return
+    injecting = sorted(
+        name
+        for name, upstream in _mapping(data.get("upstreams")).items()
+        if isinstance(upstream, dict) and _injects_credentials(doc, name, upstream)
+    )
+    if injecting:
+        doc.problem(
+            ("listen",),
+            f"a non-loopback address while upstream(s) {', '.join(injecting)} inject "
+            "credentials: anyone who can reach the proxy could use them; listen on "
+            "127.0.0.1 or set allow_remote_clients: true",
+        )
+
+
+def _injects_credentials(doc: Document, name: str, upstream: dict[str, Any]) -> bool:
+    headers = upstream.get("headers")
+    if isinstance(headers, dict) and any(
+        ("upstreams", name, "headers", key) not in doc.empty_vars for key in headers
+    ):
+        return True
+    url = upstream.get("url")
+    if not isinstance(url, str):
+        return False
+    try:
+        userinfo, at, _ = urlsplit(url.strip()).netloc.rpartition("@")
+    except ValueError:
+        return False
+    user, _, password = userinfo.partition(":")
+    return bool(at and (unquote(user) or unquote(password)))
 
 
 def check_references(doc: Document) -> None:
@@ -247,6 +344,8 @@ class _Compiler:
         self.base_dir = base_dir
         self.env = env
         self.secrets: set[str] = set(doc.secrets)
+        # The values /config hides wherever they appear: credentials, not every ${VAR}.
+        self.credentials: set[str] = set(doc.file_secrets)
         self.route_policies: list[str | None] = []
 
     def problem(self, path: Path, message: str) -> None:
@@ -308,15 +407,6 @@ class _Compiler:
                 routes.append(route)
         allow_remote = _or(spec.allow_remote_clients, False)
         shutdown = spec.shutdown or ShutdownSpec()
-        if not is_loopback(host) and not allow_remote:
-            injecting = sorted(name for name, up in upstreams.items() if up.injects_credentials)
-            if injecting:
-                self.problem(
-                    ("listen",),
-                    f"a non-loopback address while upstream(s) {', '.join(injecting)} inject "
-                    "credentials: anyone who can reach the proxy could use them; listen on "
-                    "127.0.0.1 or set allow_remote_clients: true",
-                )
         config = Config(
             listen_host=host,
             listen_port=port,
@@ -342,7 +432,8 @@ class _Compiler:
             return None
         secrets = frozenset(s for s in self.secrets if s)
         tree = effective_tree(config, self.route_policies)
-        redacted = _Redactor(self.doc, self.route_policies, secrets).tree(tree)
+        credentials = frozenset(s for s in self.credentials if s)
+        redacted = _Redactor(self.doc, self.route_policies, credentials).tree(tree)
         return replace(config, redacted=redacted, secrets=secrets)
 
     def access_log(self, spec: ConfigSpec) -> AccessLogSettings:
@@ -364,16 +455,15 @@ class _Compiler:
         elif token_file:
             path = self.file_path(token_file)
             try:
-                with open(path, encoding="utf-8") as handle:
-                    token = handle.read().strip()
-            except (OSError, UnicodeDecodeError) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-                self.problem(("admin", "token_file"), f"cannot read {quote(path)}: {reason}")
+                token = self.doc.read_file(path)  # bounded: `/dev/zero` is refused
+            except ValueError as exc:
+                self.problem(("admin", "token_file"), f"cannot read {quote(path)}: {exc}")
             else:
                 if not token:
                     self.problem(("admin", "token_file"), f"{quote(path)} is empty")
         if token:
             self.secrets.add(token)
+            self.credentials.add(token)
         return AdminSettings(host=host, port=port, token=token or None)
 
     def limits(self, spec: ConfigSpec) -> Limits:
@@ -445,6 +535,7 @@ class _Compiler:
             if user or password:  # `https://${KEY:-}:${SECRET:-}@host` with both unset: none
                 userinfo = (user, password)
                 self.secrets.add(password or user)
+                self.credentials.add(password or user)
         scheme = parts.scheme.lower()
         base_path = parts.path.rstrip("/")
         tls = TlsSettings()
@@ -526,8 +617,12 @@ class _Compiler:
                 continue
             if where in self.doc.empty_vars:
                 continue  # a ${VAR} in it is empty: send nothing rather than "Bearer "
-            headers.append((name, values[name]))
-            self.secrets.add(values[name])
+            value = values[name]
+            # Sent as its UTF-8 bytes: the upstream client writes header strs as latin-1,
+            # one byte per character, so this str carries exactly those bytes.
+            headers.append((name, value.encode("utf-8").decode("latin-1")))
+            self.secrets.add(value)
+            self.credentials.add(value)
         return tuple(headers)
 
     # --- routes and their stages -------------------------------------------------------
@@ -752,6 +847,7 @@ class _Compiler:
         path: Path = ("postgres", index)
         display, passwords = display_dsn(spec.dsn)
         self.secrets.update(passwords)
+        self.credentials.update(passwords)
         default = PostgresTarget(name="", dsn="", display_dsn="")
         pool, probe = spec.pool or PgPoolSpec(), spec.probe or PgProbeSpec()
         degraded, critical = spec.degraded or PgDegradedSpec(), spec.critical or PgCriticalSpec()
@@ -793,6 +889,56 @@ class _Compiler:
                 f"got {self.shown(where, f'{target.critical_utilization:.0%}')}",
             )
         return target
+
+
+def warn_unreachable(doc: Document, routes: Sequence[Route]) -> None:
+    """Warn about each route no request can reach: a dot-segment in its prefix (such
+    requests get 400), or an earlier route that matches everything it would."""
+    for index, route in enumerate(routes):
+        if any(_is_dot_segment(segment) for segment in route.match.path_prefix.split("/")):
+            doc.warn(
+                ("routes", index, "match", "path_prefix"),
+                "contains a dot-segment (. or ..): requests with one are refused with 400, "
+                "so this route never matches",
+            )
+            continue
+        for position, first in enumerate(routes[:index]):
+            if _covers(first.match, route.match):
+                doc.warn(
+                    ("routes", index),
+                    f"never matches: routes[{position}] ({first.name}) comes first and "
+                    "matches every request this route would (first match wins); move this "
+                    "route above it or narrow its match",
+                )
+                break
+
+
+def _is_dot_segment(segment: str) -> bool:
+    lowered = segment.lower().replace("%2e", ".")
+    return lowered in (".", "..")
+
+
+def _host_name(host: str) -> str:
+    """`example.com:8443` → `example.com`; `[::1]:80` → `[::1]` (a match host, lower-case)."""
+    if host.startswith("["):
+        return host[: host.find("]") + 1]
+    return host.partition(":")[0]
+
+
+def _covers(first: RouteMatch, later: RouteMatch) -> bool:
+    """True when every request `later` matches is matched by `first` (see RouteRuntime)."""
+    a, b = first.path_prefix.rstrip("/"), later.path_prefix.rstrip("/")
+    if a and not (b == a or b.startswith(a + "/")):
+        return False
+    if first.host is not None:
+        if later.host is None:
+            return False
+        port_given = first.host != _host_name(first.host)
+        if first.host != (later.host if port_given else _host_name(later.host)):
+            return False
+    if first.methods is not None:
+        return later.methods is not None and later.methods <= first.methods
+    return True
 
 
 def _block(value: Spec | bool | None, kind: type[T]) -> T | None:
@@ -992,15 +1138,19 @@ def _postgres_tree(target: PostgresTarget) -> dict[str, Any]:
 
 
 class _Redactor:
-    """Hides every value that came from `${VAR}` (wherever merging moved it) and, as a
-    backstop, any string that contains a secret."""
+    """Shows the effective config as loaded, values from `${VAR}` included (an operator
+    confirms what a setting became), but hides credentials: `effective_tree` has already
+    replaced injected header values, userinfo, DSN passwords and the token; here any value
+    taken from a `${file:PATH}` (a mounted Secret), a URL or DSN with userinfo taken from
+    `${VAR}` (whole), any other URL password, and, as a backstop, any string that contains
+    a credential are replaced too."""
 
     def __init__(
-        self, doc: Document, route_policies: list[str | None], secrets: frozenset[str]
+        self, doc: Document, route_policies: list[str | None], credentials: frozenset[str]
     ) -> None:
         self.doc = doc
         self.route_policies = route_policies
-        self.scrub = tuple(s for s in secrets if len(s) >= _MIN_SCRUB_LENGTH)
+        self.scrub = tuple(s for s in credentials if len(s) >= _MIN_SCRUB_LENGTH)
 
     def tree(self, node: dict[str, Any]) -> dict[str, Any]:
         return {key: self.node(value, (key,)) for key, value in node.items()}
@@ -1010,16 +1160,21 @@ class _Redactor:
             return {key: self.node(item, (*path, key)) for key, item in value.items()}
         if isinstance(value, list) and any(isinstance(item, dict | list) for item in value):
             return [self.node(item, (*path, index)) for index, item in enumerate(value)]
-        if self.doc.from_env(self.source(path)):
+        source = self.source(path)
+        if any(p[: len(source)] == source for p in self.doc.file_vars):
             return REDACTED
+        if isinstance(value, str) and _USERINFO.search(value) and self.doc.from_env(source):
+            return REDACTED  # a DSN or URL with credentials from ${VAR}: hidden whole
         if isinstance(value, list):
             return [self.leaf(item) for item in value]
         return self.leaf(value)
 
     def leaf(self, value: Any) -> Any:
-        if isinstance(value, str) and any(secret in value for secret in self.scrub):
+        if not isinstance(value, str):
+            return value
+        if any(secret in value for secret in self.scrub):
             return REDACTED
-        return value
+        return _URL_PASSWORD.sub(r"\1:" + REDACTED + "@", value) if "@" in value else value
 
     def source(self, path: Path) -> Path:
         """The raw path a value of the effective config was written at."""

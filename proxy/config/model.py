@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from proxy.config.loader import Problem
+
 Jitter = Literal["full", "equal", "none"]
 BreakerMode = Literal["enforce", "observe", "disabled"]
 Readiness = Literal["ignore", "fail_on_critical"]
@@ -371,3 +373,8 @@ class Config:
     # Every secret value (injected header values, ${VAR} values, passwords, the token),
     # so that logs and error bodies can be scrubbed defensively.
     secrets: frozenset[str] = frozenset()
+    # Files the config reads (`${file:PATH}`, admin.token_file): a change to one reloads.
+    watched_files: tuple[str, ...] = ()
+    # Things that do not make the config invalid but are probably not what was meant
+    # (a route shadowed by an earlier one): printed by `check`, logged at start and reload.
+    warnings: tuple[Problem, ...] = ()

@@ -34,7 +34,6 @@ from pydantic import (
     Tag,
     ValidationError,
     WithJsonSchema,
-    model_validator,
 )
 
 from proxy.config.loader import Document, Path, Problem, format_path
@@ -53,7 +52,7 @@ from proxy.headers import HOP_BY_HOP
 
 NAME_PATTERN = r"^[a-z0-9_.-]+$"
 # In the JSON Schema every typed scalar also accepts a string holding a `${...}` reference.
-ENV_REFERENCE_PATTERN = r"\$\{[A-Za-z_][A-Za-z0-9_]*(:-[^}]*)?\}"
+ENV_REFERENCE_PATTERN = r"\$\{([A-Za-z_][A-Za-z0-9_]*(:-[^}]*)?|file:[^}]+)\}"
 _BOOL_WORDS = frozenset(("true", "false", "yes", "no", "on", "off"))
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token (methods, header names)
 _NAME = re.compile(NAME_PATTERN)
@@ -169,8 +168,9 @@ def _check_header_name(value: str) -> str:
 
 
 def _check_header_value(value: str) -> str:
-    # The value is never quoted: injected header values are usually credentials.
-    if any((ord(char) < 0x20 and char != "\t") or ord(char) == 0x7F for char in value):
+    # The value is never quoted: injected header values are usually credentials. Other
+    # non-ASCII characters are fine: they are sent as their UTF-8 bytes.
+    if any((ord(char) < 0x20 and char != "\t") or 0x7F <= ord(char) <= 0x9F for char in value):
         raise ValueError("a header value must not contain control characters")
     return value.strip()
 
@@ -471,12 +471,8 @@ class FailureRateSpec(Spec):
     """A window of the last N calls, instead of a time window."""
     min_calls: int | None = Field(None, ge=1)
     """Calls the window must hold before the rate counts (default 20)."""
-
-    @model_validator(mode="after")
-    def _one_window(self) -> FailureRateSpec:
-        if self.window is not None and self.window_calls is not None:
-            raise ValueError("set window or window_calls, not both")
-        return self
+    # `window` with `window_calls` is refused by compile.check_raw, on the raw tree, so that
+    # it is reported together with an invalid value in the same block.
 
 
 class SlowCallsSpec(Spec):

@@ -593,16 +593,20 @@ class ProberSet:
     def readiness(self) -> tuple[str, list[str]]:
         """("pass" | "warn" | "fail", notes): warn while any target is degraded or
         critical, fail when a `fail_on_critical` target is critical; unknown passes."""
-        result = "pass"
-        notes: list[str] = []
+        checks = self.readiness_checks()
+        statuses = {status for status, _ in checks}
+        result = "fail" if "fail" in statuses else "warn" if statuses else "pass"
+        return result, [note for _, note in checks]
+
+    def readiness_checks(self) -> list[tuple[str, str]]:
+        """One (status, note) per target that is not ok: `fail` only for a critical target
+        with `readiness: fail_on_critical`, else `warn` (degraded, or critical and ignored)."""
+        checks: list[tuple[str, str]] = []
         for prober in self._probers.values():
             grade = prober.grade
             if grade.status not in ("degraded", "critical"):
                 continue
             note = f"postgres {prober.target.name}: {grade.status} ({grade.reason})"
-            if grade.status == "critical" and prober.target.readiness == "fail_on_critical":
-                result = "fail"
-            elif result == "pass":
-                result = "warn"
-            notes.append(note)
-        return result, notes
+            failing = grade.status == "critical" and prober.target.readiness == "fail_on_critical"
+            checks.append(("fail" if failing else "warn", note))
+        return checks

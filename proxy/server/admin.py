@@ -27,6 +27,7 @@ from proxy.cache import FallbackStore
 from proxy.clock import Clock
 from proxy.config.model import Config, Route
 from proxy.errors import error_body
+from proxy.observe import log
 from proxy.observe.metrics import Metrics
 from proxy.pgprobe import ProberSet
 from proxy.resilience.bulkhead import Bulkhead
@@ -108,6 +109,50 @@ def check_token(request: web.Request, token: str | None) -> web.Response | None:
     return None
 
 
+# Reasons of the admin listener's own errors, by status (the JSON body of DESIGN §6).
+ERROR_REASONS = {
+    400: "bad-request",
+    404: "not-found",
+    405: "method-not-allowed",
+    413: "body-too-large",
+    500: "internal-error",
+}
+
+
+def _error(status: int, reason: str, message: str, route: str = "") -> web.Response:
+    return web.Response(
+        status=status, body=error_body(reason, route, message), content_type="application/json"
+    )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every admin error is the proxy's JSON error body, never aiohttp's plain text."""
+    try:
+        response: web.StreamResponse = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        reason = ERROR_REASONS.get(exc.status, "bad-request" if exc.status < 500 else "error")
+        message = {
+            404: "no such admin endpoint",
+            405: f"use {exc.headers.get('Allow', '')} on {request.path}",
+        }.get(exc.status, exc.reason.lower())
+        error = _error(exc.status, reason, message)
+        if "Allow" in exc.headers:
+            error.headers["Allow"] = exc.headers["Allow"]
+        return error
+    except Exception as exc:  # noqa: BLE001 -- answer 500 as JSON and keep serving
+        log.error("admin_error", path=request.path, error=type(exc).__name__)
+        return _error(500, "internal-error", "the admin request failed; see the proxy log")
+    return response
+
+
+async def _drop_server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """No version banner (aiohttp adds `Server: Python/3.x aiohttp/x`)."""
+    response.headers.popall("Server", None)
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     app = request.app[APP_KEY]
@@ -148,12 +193,13 @@ async def readyz(request: web.Request) -> web.Response:
     if app.draining:
         status = "fail"
         checks["shutdown"] = [{"status": "fail", "output": "draining: shutting down"}]
-    pg_status, notes = app.probers.readiness()
-    if notes:
-        checks["postgres"] = [{"status": pg_status, "output": n} for n in notes]
-    if pg_status == "fail":
+    pg_checks = app.probers.readiness_checks()
+    if pg_checks:  # each check its own status: a critical target that is ignored is `warn`
+        checks["postgres"] = [{"status": st, "output": note} for st, note in pg_checks]
+    pg_statuses = {st for st, _ in pg_checks}
+    if "fail" in pg_statuses:
         status = "fail"
-    elif pg_status == "warn" and status == "pass":
+    elif pg_statuses and status == "pass":
         status = "warn"
     state = app.state
     if not state.available:  # limits still hold locally: degraded, never failing
@@ -303,7 +349,8 @@ async def breaker_action(request: web.Request) -> web.Response:
     route_name = request.match_info["route"]
     action = request.match_info["action"]
     if action not in BREAKER_ACTIONS:
-        return _json({"error": {"reason": "bad-request", "message": "unknown action"}}, 404)
+        actions = ", ".join(BREAKER_ACTIONS)
+        return _error(404, "not-found", f"unknown breaker action; use {actions}", route_name)
     # `?upstream=NAME`: one target of a failover route (e.g. force the primary open to move
     # its traffic to the next target); without it, every target's breaker of the route.
     upstream = request.query.get("upstream")
@@ -343,7 +390,10 @@ async def clear_cache(request: web.Request) -> web.Response:
 
 
 def build_admin_app(app: AdminContext) -> web.Application:
-    admin = web.Application(middlewares=[auth_middleware], client_max_size=64 * 1024)
+    admin = web.Application(
+        middlewares=[error_middleware, auth_middleware], client_max_size=64 * 1024
+    )
+    admin.on_response_prepare.append(_drop_server_header)
     admin[APP_KEY] = app
     admin.router.add_get("/metrics", metrics)
     admin.router.add_get("/healthz", healthz)

@@ -12,15 +12,25 @@ from proxy.config import Config, ConfigInvalid, load_config_text
 SOURCE = "config/proxy.yaml"
 
 
-def load(text: str, env: Mapping[str, str] | None = None) -> Config:
-    """Load dedented YAML text as if it were config/proxy.yaml, with `env` (default: empty)."""
-    return load_config_text(textwrap.dedent(text), source=SOURCE, env=env or {})
+def load(
+    text: str, env: Mapping[str, str] | None = None, *, require_routes: bool = False
+) -> Config:
+    """Load dedented YAML text as if it were config/proxy.yaml, with `env` (default: empty).
+
+    Most tests check one section on its own, so a config without routes is accepted here
+    unless `require_routes`; `load_config` (files: check, run, reload) always needs one.
+    """
+    return load_config_text(
+        textwrap.dedent(text), source=SOURCE, env=env or {}, require_routes=require_routes
+    )
 
 
-def problems(text: str, env: Mapping[str, str] | None = None) -> list[str]:
+def problems(
+    text: str, env: Mapping[str, str] | None = None, *, require_routes: bool = False
+) -> list[str]:
     """Every problem line for a config that must be invalid."""
     with pytest.raises(ConfigInvalid) as caught:
-        load(text, env)
+        load(text, env, require_routes=require_routes)
     return [str(p) for p in caught.value.problems]
 
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import resource
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,3 +84,84 @@ def test_default_config_comes_from_the_environment(tmp_path: Path) -> None:
     path.write_text(BAD)
     result = cli("check", env={"PATH": "/usr/bin:/bin", "RESILIENCE_PROXY_CONFIG": str(path)})
     assert result.returncode == 2 and str(path) in result.stdout
+
+
+# --- issue 12: hostile files, warnings, a closed pipe -------------------------------------
+
+
+def measured_cli(*args: str) -> tuple[int, str, str, float, int]:
+    """Run the CLI; (exit status, stdout, stderr, seconds, peak RSS in bytes).
+
+    The RSS is the largest of any child this test process has waited for, an upper bound.
+    """
+    began = time.perf_counter()
+    result = cli(*args)
+    seconds = time.perf_counter() - began
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+    return result.returncode, result.stdout, result.stderr, seconds, rss
+
+
+HOSTILE = {
+    "alias-bomb": "x:\n  a0: &a0 [x]\n"
+    + "".join(f"  a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 10)),
+    "nul": "version: 1\0\n",
+    "deep": "x: " + "[" * 600 + "]" * 600 + "\n",
+    "digits": "version: " + "9" * 5000 + "\n",
+    "dev-zero": "",  # the shipped admin.token replaced, below
+    "empty": "",
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_check_answers_every_hostile_file_with_problem_lines(tmp_path: Path, name: str) -> None:
+    shipped = (ROOT / "config" / "proxy.yaml").read_text()
+    path = tmp_path / "proxy.yaml"
+    if name == "dev-zero":
+        shipped = shipped.replace("  token: ${RESILIENCE_PROXY_ADMIN_TOKEN:-}", "  token_file: /dev/zero")
+    text = HOSTILE[name] + shipped.replace("version: 1\n", "")
+    path.write_text("" if name == "empty" else text)
+    status, out, err, seconds, rss = measured_cli("check", "--config", str(path))
+    assert status == 2, out + err
+    assert "Traceback" not in out + err
+    assert out and all(line.startswith(str(path)) for line in out.splitlines()), out
+    assert seconds < 5 and rss < 256 * 1024 * 1024, (seconds, rss)
+
+
+def test_check_prints_warnings_and_still_exits_0(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.yaml"
+    path.write_text(
+        "upstreams: {a: {url: 'https://a.example.com'}}\n"
+        "routes:\n"
+        "  - {name: all, upstream: a}\n"
+        "  - {name: late, match: {path_prefix: /late/}, upstream: a}\n"
+    )
+    result = cli("check", "--config", str(path))
+    assert result.returncode == 0
+    assert result.stdout.splitlines() == [
+        f"{path}:4: routes[1]: warning: never matches: routes[0] (all) comes first and matches "
+        "every request this route would (first match wins); move this route above it or narrow "
+        "its match",
+        f"{path}: ok (2 routes, 1 upstreams)",
+    ]
+
+
+@pytest.mark.parametrize("args", [("schema",), ("check", "--config", "MANY")])
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path: Path, args: tuple[str, ...]) -> None:
+    many = tmp_path / "many.yaml"
+    many.write_text("routes:\n" + "".join(f"  - {{name: r{i}, upstream: nope}}\n" for i in range(3000)))
+    argv = [a.replace("MANY", str(many)) for a in args]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()  # `| head -1`: read a line, then go away
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    status = proc.wait(timeout=60)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert status == (2 if args[0] == "check" else 0)

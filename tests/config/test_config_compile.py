@@ -223,7 +223,10 @@ def test_remote_listen_is_allowed_when_asked_or_without_credentials(load_yaml: L
 def test_ca_file_relative_to_the_config_file(tmp_path: Path) -> None:
     (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
     path = tmp_path / "proxy.yaml"
-    path.write_text("upstreams:\n  a: {url: https://a, tls: {ca_file: ca.pem, verify: true}}\n")
+    path.write_text(
+        "upstreams:\n  a: {url: https://a, tls: {ca_file: ca.pem, verify: true}}\n"
+        "routes: [{name: a, upstream: a}]\n"
+    )
     assert load_config(str(path), env={}).upstreams["a"].tls.ca_file == str(tmp_path / "ca.pem")
 
 
@@ -257,7 +260,10 @@ def test_state_file(load_yaml: Load, yaml_value: str, env: dict[str, str], expec
 
 def test_state_file_relative_to_the_config_file(tmp_path: Path) -> None:
     path = tmp_path / "proxy.yaml"
-    path.write_text("state_file: state/s.json\n")
+    path.write_text(
+        "state_file: state/s.json\nupstreams: {a: {url: https://a}}\n"
+        "routes: [{name: a, upstream: a}]\n"
+    )
     assert load_config(str(path), env={}).state_file == str(tmp_path / "state" / "s.json")
 
 
@@ -296,7 +302,10 @@ postgres:
 def test_source_and_hash(tmp_path: Path) -> None:
     import hashlib
 
-    data = b"version: 1\n# a comment changes the hash too\n"
+    data = (
+        b"version: 1\n# a comment changes the hash too\n"
+        b"upstreams: {a: {url: https://a}}\nroutes: [{name: a, upstream: a}]\n"
+    )
     path = tmp_path / "proxy.yaml"
     path.write_bytes(data)
     config = load_config(str(path), env={})

@@ -99,8 +99,8 @@ def test_keys_are_not_expanded(problems_of: Problems) -> None:
 
 def test_malformed_reference(problems_of: Problems) -> None:
     assert problems_of("listen: ${1BAD}\n") == [
-        "config/proxy.yaml:1: listen: malformed variable reference: write ${NAME} or "
-        "${NAME:-default} (NAME: A-Z, 0-9, _)"
+        "config/proxy.yaml:1: listen: malformed variable reference: write ${NAME}, "
+        "${NAME:-default} (NAME: A-Z, 0-9, _) or ${file:PATH}"
     ]
 
 

@@ -399,7 +399,10 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 def test_load_config_reports_the_path_it_was_given(tmp_path: Path) -> None:
     path = tmp_path / "proxy.yaml"
-    path.write_text("version: 1\nlimits:\n  max_request_body: huge\n")
+    path.write_text(
+        "version: 1\nlimits:\n  max_request_body: huge\n"
+        "upstreams: {a: {url: https://a}}\nroutes: [{name: a, upstream: a}]\n"
+    )
     with pytest.raises(ConfigInvalid) as caught:
         load_config(str(path), env={})
     assert str(caught.value) == (

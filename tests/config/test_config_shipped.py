@@ -140,6 +140,7 @@ def test_json_schema_accepts_variables_in_typed_fields() -> None:
     tree["policies"]["api"]["bulkhead"]["max_concurrent"] = "${MAX_CONCURRENT:-64}"
     tree["policies"]["api"]["breaker"]["mode"] = "${BREAKER_MODE}"
     tree["routes"][2]["retry"] = "${GITHUB_RETRY:-true}"
+    tree["policies"]["api"]["retry"]["max_attempts"] = "${file:/run/secrets/attempts}"
     jsonschema.Draft202012Validator(json_schema()).validate(tree)
     tree["policies"]["api"]["bulkhead"]["max_concurrent"] = "sixty-four"
     assert not jsonschema.Draft202012Validator(json_schema()).is_valid(tree)

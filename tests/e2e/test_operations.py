@@ -122,8 +122,8 @@ async def test_sighup_adds_a_route_and_in_flight_finishes_on_old_config(running,
     running.config.write_text(running.config.read_text() + EXTRA_ROUTE)
     running.signal(signal.SIGHUP)
 
-    async def reloaded():
-        return await metric(http, running, 'resilience_proxy_config_reloads_total{result="ok"}') >= 1
+    async def reloaded():  # the start counts once: the SIGHUP's reload makes it 2
+        return await metric(http, running, 'resilience_proxy_config_reloads_total{result="ok"}') >= 2
 
     await poll(reloaded, timeout=5, interval=0.1)
     async with http.get(running.url + "/two/x") as resp:
@@ -236,3 +236,32 @@ async def test_second_signal_exits_at_once(running, upstreams, http):
         await slow
     except (asyncio.CancelledError, aiohttp.ClientError):
         pass
+
+
+async def test_sighup_with_a_nul_byte_file_is_counted_and_the_process_keeps_reloading(running, http):
+    # Issue 12 items 2-3: today the reload task dies ("Task exception was never retrieved"),
+    # nothing is counted, and later edits are never picked up by the watcher.
+    good = running.config.read_text()
+    running.config.write_text(good.replace("routes:", "routes:\0"))
+    running.signal(signal.SIGHUP)
+
+    async def rejected():
+        return await metric(http, running, 'resilience_proxy_config_reloads_total{result="error"}') >= 1
+
+    await poll(rejected, timeout=5, interval=0.1)
+    async with http.get(running.url + "/one/x") as resp:
+        assert resp.status == 200  # the old config keeps serving
+    shadowed = "  - {name: hidden, match: {path_prefix: /one/deeper/}, upstream: two}\n"
+    running.config.write_text(good + EXTRA_ROUTE + shadowed)  # picked up by the watcher
+
+    async def serves_two():
+        async with http.get(running.url + "/two/x") as resp:
+            return resp.status == 200
+
+    await poll(serves_two, timeout=8, interval=0.2)
+    running.signal(signal.SIGTERM)
+    code, err = running.finish()
+    assert code == 0
+    assert "Task exception was never retrieved" not in err and "Traceback" not in err
+    assert "config_reload_failed" in err and "U+0000" in err
+    assert "config_warning" in err and "routes[2]: warning: never matches: routes[0] (first)" in err

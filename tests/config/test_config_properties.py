@@ -1,0 +1,91 @@
+"""Property: whatever is done to the shipped config, `check` answers with problem lines.
+
+Never a traceback, never more than 5 s or 256 MB: in process (load_config under
+tracemalloc) for most examples, and as real `python -m proxy check` subprocesses for a few.
+"""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+from hypothesis import HealthCheck, Phase, given, settings
+
+from proxy.config import Config, ConfigInvalid, load_config
+from tests.support.mutate import ROOT, mutated_config
+
+LIMIT_SECONDS = 5.0
+LIMIT_BYTES = 256 * 1024 * 1024
+
+def deterministic(max_examples: int, *, shrink: bool = True) -> settings:
+    """Modest, reproducible runs: the same examples on every machine and in CI."""
+    phases = [Phase.explicit, Phase.reuse, Phase.generate] + ([Phase.shrink] if shrink else [])
+    return settings(
+        max_examples=max_examples,
+        phases=phases,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
+def check_in_process(text: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "proxy.yaml"
+        path.write_bytes(text.encode("utf-8", "surrogatepass"))
+        tracemalloc.start()
+        began = time.thread_time()  # CPU time: other processes on the machine do not count
+        try:
+            config = load_config(str(path), env={"XDG_STATE_HOME": tmp})
+        except ConfigInvalid as exc:
+            assert exc.problems
+            for problem in exc.problems:
+                assert str(problem).startswith(f"{path}"), problem
+                assert "Traceback" not in problem.message
+        else:
+            assert isinstance(config, Config) and config.routes
+        finally:
+            elapsed = time.thread_time() - began
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+        assert elapsed < LIMIT_SECONDS, elapsed
+        assert peak < LIMIT_BYTES, peak
+
+
+@deterministic(60)
+@given(mutated_config())
+def test_load_config_answers_every_mutation_with_problems(text: str) -> None:
+    check_in_process(text)
+
+
+@deterministic(4, shrink=False)  # each example is a process start
+@given(mutated_config())
+def test_check_subprocess_exits_0_or_2_without_traceback(text: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "proxy.yaml"
+        path.write_bytes(text.encode("utf-8", "surrogatepass"))
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        result = subprocess.run(
+            [sys.executable, "-m", "proxy", "check", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            env={"PATH": "/usr/bin:/bin", "XDG_STATE_HOME": tmp},
+        )
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU time, not wall time: a loaded CI machine must not make this flaky.
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    assert result.returncode in (0, 2), result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines and all(line.startswith(str(path)) for line in lines), lines
+    assert cpu < LIMIT_SECONDS, cpu  # interpreter start-up included
+    assert after.ru_maxrss * 1024 < LIMIT_BYTES  # the largest child so far
