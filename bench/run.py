@@ -611,7 +611,13 @@ def checks(summaries: Sequence[Summary]) -> list[Check]:
                 value <= limit,
             )
         )
-    for key, budget in (("retry", 10.0), ("guarded", None), ("fallback", 15.0)):
+    for key, budget in (
+        ("retry", 10.0),
+        ("guarded", None),
+        ("fallback", 15.0),
+        ("limited", None),
+        ("shared", None),
+    ):
         if have(key, "plain"):
             delta = _pct(by[key].cpu_us_per_req, by["plain"].cpu_us_per_req)
             rps = _pct(by[key].rps, by["plain"].rps)
@@ -954,6 +960,9 @@ class Env:
             "tmp": self.tmp,
             "body": BODY,
             "admin_token": ADMIN_TOKEN,
+            # the shared rate-limit row uses the machine's Redis, under a prefix of its own
+            "redis_url": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"),
+            "redis_prefix": f"rp-bench-{os.getpid()}",
             **{f"{k}_port": v for k, v in self.ports.items()},
         }
 
@@ -1197,6 +1206,15 @@ def throughput(env: Env, args: argparse.Namespace) -> dict[str, Any]:
             ),
             Target(
                 "fallback", "(d) + cached fallback (stores every 200)", f"{base}/fallback/x", proxy
+            ),
+            Target(
+                "limited", "(j) + local rate limit (never refusing)", f"{base}/limited/x", proxy
+            ),
+            Target(
+                "shared",
+                "(k) + shared rate limit on Redis (never refusing)",
+                f"{base}/shared/x",
+                proxy,
             ),
             Target(
                 "open",

@@ -1,6 +1,7 @@
 """Errors the proxy answers with itself (DESIGN §6, last part).
 
     ProxyError                       one JSON body shape: {"error": {"reason", "route", "message"}}
+    ├── 429 quota | rate-limited     provider quota held back / caller over its rate; Retry-After
     ├── 400 bad-request              malformed target, dot-segments, absolute-form, CONNECT
     ├── 404 no-route                 no configured route matched (never an open proxy)
     ├── 408 client-timeout           request head or body too slow
@@ -33,7 +34,16 @@ import json
 
 # X-Resilience-Reason values (DESIGN §6): only these reasons are sent in that header.
 RESILIENCE_REASONS = frozenset(
-    ("breaker-open", "bulkhead-full", "timeout", "connect-failure", "reset", "upstream-status")
+    (
+        "breaker-open",
+        "bulkhead-full",
+        "timeout",
+        "connect-failure",
+        "reset",
+        "upstream-status",
+        "quota",
+        "rate-limited",
+    )
 )
 
 STATUS_FOR_FAILURE = {
@@ -42,6 +52,8 @@ STATUS_FOR_FAILURE = {
     "breaker-open": 503,
     "bulkhead-full": 503,
     "timeout": 504,
+    "quota": 429,
+    "rate-limited": 429,
     "upstream-status": 502,  # an answer the proxy cannot relay (an unasked-for 101)
 }
 
@@ -51,6 +63,8 @@ MESSAGES = {
     "breaker-open": "the circuit breaker for this upstream is open",
     "bulkhead-full": "too many concurrent requests to this upstream",
     "timeout": "the upstream did not answer in time",
+    "quota": "the upstream's quota is spent until its reset",
+    "rate-limited": "too many requests: over this route's rate limit",
     "upstream-status": "the upstream sent a response the proxy cannot relay",
 }
 

@@ -107,15 +107,20 @@ def body_digest(body: bytes) -> str:
 
 
 def partition_of(
-    secret: bytes, headers: MultiMapping[str], identity_headers: Iterable[str]
+    secret: bytes,
+    headers: MultiMapping[str],
+    identity_headers: Iterable[str],
+    credential_headers: Sequence[str] = CREDENTIAL_HEADERS,
 ) -> bytes | None:
     """HMAC-SHA256(secret, the credential headers' names and values), or None if none present.
 
     The message is the present headers as `name NUL value(SOH value)*`, NUL-separated;
     header names and values never hold NUL or SOH, so the encoding is unambiguous.
+    `credential_headers` narrows the credentials (quota partitions leave out the ones the
+    proxy replaces with its own).
     """
     parts: list[str] = []
-    for name in (*CREDENTIAL_HEADERS, *identity_headers):
+    for name in (*credential_headers, *identity_headers):
         values = headers.getall(name, ())
         if values:
             parts.append(name)

@@ -38,6 +38,8 @@ from proxy.config.model import (
     FallbackPolicy,
     Limits,
     PostgresTarget,
+    QuotaPolicy,
+    RateLimitPolicy,
     RetryAfterPolicy,
     RetryOn,
     RetryPolicy,
@@ -77,6 +79,8 @@ from proxy.config.schema import (
     PgProbeSpec,
     PolicySpec,
     PostgresSpec,
+    QuotaSpec,
+    RateLimitSpec,
     RetryAfterSpec,
     RetrySpec,
     RouteSpec,
@@ -392,6 +396,9 @@ class _Compiler:
         for name, policy in policies.items():
             # Checked on their own too, so a policy no route uses is still validated.
             self.stages(policy, _Origin(self.doc, (("policies", name),)))
+            self.rate_limit(
+                policy.rate_limit, _Origin(self.doc, (("policies", name, "rate_limit"),))
+            )
         routes = []
         for index, route_spec in enumerate(spec.routes or []):
             self.route_policies.append(route_spec.policy)
@@ -558,6 +565,37 @@ class _Compiler:
             idle_timeout=_or(spec.idle_timeout, default.idle_timeout),
             tls=tls,
             userinfo=userinfo,
+            quota=self.quota(spec.quota),
+        )
+
+    def quota(self, spec: QuotaSpec | bool | None) -> QuotaPolicy | None:
+        given = _block(spec, QuotaSpec)
+        if given is None:
+            return None
+        default = QuotaPolicy()
+        return QuotaPolicy(
+            headers=_or(given.headers, default.headers),
+            reserve=_or(given.reserve, default.reserve),
+            max_queued=_or(given.max_queued, default.max_queued),
+        )
+
+    def rate_limit(self, spec: RateLimitSpec | bool | None, at: _Origin) -> RateLimitPolicy | None:
+        if spec is True:
+            self.problem(at.path(), "needs rps, not just true")
+            return None
+        given = _block(spec, RateLimitSpec)
+        if given is None:
+            return None
+        if given.rps is None:
+            self.problem(at.path("rps"), "required")
+            return None
+        per = _or(given.per, "route")
+        return RateLimitPolicy(
+            rps=given.rps,
+            burst=_or(given.burst, max(1.0, float(math.ceil(given.rps)))),
+            per_header=per[len("header:") :] if per.startswith("header:") else None,
+            shared=_or(given.shared, False),
+            max_callers=_or(given.max_callers, 10_000),
         )
 
     def missing_headers(self, path: Path) -> tuple[str, ...]:
@@ -622,6 +660,9 @@ class _Compiler:
                 **{key: merge(getattr(policy, key), getattr(spec, key)) for key in STAGE_KEYS},
             )
         timeout, retry, breaker, bulkhead, fallback = self.stages(merged, _Origin(self.doc, bases))
+        rate_limit = self.rate_limit(
+            merged.rate_limit, _Origin(self.doc, tuple((*base, "rate_limit") for base in bases))
+        )
         failover = self.failover(spec.failover, upstreams) if spec.failover is not None else None
         match = spec.match or MatchSpec()
         return Route(
@@ -638,6 +679,7 @@ class _Compiler:
             breaker=breaker,
             bulkhead=bulkhead,
             fallback=fallback,
+            rate_limit=rate_limit,
             failover=failover,
         )
 
@@ -1001,6 +1043,8 @@ def _upstream_tree(upstream: Upstream) -> dict[str, Any]:
     }
     if upstream.userinfo is not None:
         tree["userinfo"] = REDACTED
+    if upstream.quota is not None:
+        tree["quota"] = asdict(upstream.quota)
     return tree
 
 
@@ -1044,6 +1088,17 @@ def _route_tree(route: Route, policy: str | None) -> dict[str, Any]:
             "share": breaker.share,
         },
         "bulkhead": asdict(route.bulkhead) if route.bulkhead else None,
+        "rate_limit": None
+        if route.rate_limit is None
+        else {
+            "rps": route.rate_limit.rps,
+            "burst": route.rate_limit.burst,
+            "per": "route"
+            if route.rate_limit.per_header is None
+            else "header:" + route.rate_limit.per_header,
+            "shared": route.rate_limit.shared,
+            "max_callers": route.rate_limit.max_callers,
+        },
         "failover": None
         if route.failover is None
         else {

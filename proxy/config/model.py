@@ -25,6 +25,9 @@ RESET = "reset"
 TIMEOUT = "timeout"
 BREAKER_OPEN = "breaker-open"
 BULKHEAD_FULL = "bulkhead-full"
+QUOTA = "quota"
+RATE_LIMITED = "rate-limited"
+QuotaHeaders = Literal["github", "cloudinary", "huggingface", "ietf", "generic"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +75,16 @@ class TlsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class QuotaPolicy:
+    """`upstreams.<name>.quota` (DESIGN §14): which provider headers to read, and how many
+    requests to keep in reserve before the reset."""
+
+    headers: QuotaHeaders = "generic"
+    reserve: int = 0
+    max_queued: int = 128  # requests waiting for the reset at once; beyond that, 429
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream:
     name: str
     url: str  # scheme://host[:port][/base], no trailing slash, no userinfo
@@ -86,6 +99,7 @@ class Upstream:
     idle_timeout: float = 4.0  # seconds a pooled connection may stay idle before it is closed
     tls: TlsSettings = TlsSettings()
     userinfo: tuple[str, str] | None = None  # from the URL; sent as Basic auth, never logged
+    quota: QuotaPolicy | None = None
     # Injected headers omitted because a ${VAR} in them expanded to empty (names as written)
     missing_headers: tuple[str, ...] = ()
 
@@ -207,6 +221,18 @@ class FallbackPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitPolicy:
+    """`routes[].rate_limit` (DESIGN §14): a token bucket of `burst` gaining `rps` per second,
+    for the whole route (`per_header` None) or per value of that request header."""
+
+    rps: float
+    burst: float
+    per_header: str | None = None  # lower-case header name; None: one bucket per route
+    shared: bool = False  # through the fleet state backend (DESIGN §15)
+    max_callers: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
 class FailoverPolicy:
     """Ordered alternatives to a route's upstream (DESIGN §16).
 
@@ -246,6 +272,7 @@ class Route:
     breaker: BreakerPolicy | None = None
     bulkhead: BulkheadPolicy | None = None
     fallback: FallbackPolicy | None = None
+    rate_limit: RateLimitPolicy | None = None
     failover: FailoverPolicy | None = None
 
     @property

@@ -66,7 +66,14 @@ UNINJECTABLE_HEADERS = (HOP_BY_HOP - {"proxy-authorization", "proxy-authenticate
 }
 
 CONDITIONS_RETRY = ("connect-failure", "reset", "timeout")
-CONDITIONS_FALLBACK = ("breaker-open", "timeout", "connect-failure", "reset", "bulkhead-full")
+CONDITIONS_FALLBACK = (
+    "breaker-open",
+    "timeout",
+    "connect-failure",
+    "reset",
+    "bulkhead-full",
+    "quota",
+)
 # retry.on's vocabulary plus the two refusals that send nothing (DESIGN §16).
 CONDITIONS_FAILOVER = ("connect-failure", "reset", "timeout", "breaker-open", "quota")
 _STATUS_HELP = "5xx (or 4xx, ...), gateway-error, a status like 503, a range like 500-504"
@@ -528,6 +535,34 @@ class FallbackSpec(Spec):
     """The response served when no stored one fits (default: none)."""
 
 
+def _check_per(value: str) -> str:
+    text = value.strip()
+    if text.lower() == "route":
+        return "route"
+    kind, colon, name = text.partition(":")
+    if kind.strip().lower() == "header" and colon and _TOKEN.fullmatch(name.strip()):
+        return "header:" + name.strip().lower()
+    raise ValueError(f"must be route or header:NAME (e.g. header:X-Agent-Id), got {quote(value)}")
+
+
+RateLimitPer = Annotated[
+    str, AfterValidator(_check_per), _text_schema(r"^(route|header:[!#$%&'*+.^_`|~0-9A-Za-z-]+)$")
+]
+
+
+class RateLimitSpec(Spec):
+    rps: float | None = Field(None, gt=0)
+    """Tokens added per second (required)."""
+    burst: float | None = Field(None, ge=1)
+    """Bucket size: requests allowed at once after a quiet period (default: rps, at least 1)."""
+    per: RateLimitPer | None = None
+    """route (one bucket, default) or header:NAME (one bucket per value of that header)."""
+    shared: bool | None = None
+    """Take tokens from the fleet state backend (state.backend: redis), default false."""
+    max_callers: int | None = Field(None, ge=1)
+    """Per-caller buckets kept (LRU), default 10000."""
+
+
 class PolicySpec(Spec):
     """A named, reusable set of stage blocks."""
 
@@ -536,9 +571,11 @@ class PolicySpec(Spec):
     breaker: Toggle[BreakerSpec] | None = None
     bulkhead: Toggle[BulkheadSpec] | None = None
     fallback: Toggle[FallbackSpec] | None = None
+    rate_limit: Toggle[RateLimitSpec] | None = None
+    """A token bucket in front of the route; its 429 is never replaced by a fallback."""
 
 
-STAGE_KEYS = ("timeout", "retry", "breaker", "bulkhead", "fallback")
+STAGE_KEYS = ("timeout", "retry", "breaker", "bulkhead", "fallback", "rate_limit")
 
 
 class FailoverSpec(Spec):
@@ -577,6 +614,15 @@ class TlsSpec(Spec):
     """PEM bundle of a private CA (relative paths: to the config file's directory)."""
 
 
+class QuotaSpec(Spec):
+    headers: Literal["github", "cloudinary", "huggingface", "ietf", "generic"] | None = None
+    """Which provider's quota headers to read (default generic)."""
+    reserve: int | None = Field(None, ge=0)
+    """Hold requests back when remaining reaches this, until the reset (default 0)."""
+    max_queued: int | None = Field(None, ge=0)
+    """Requests waiting for the reset at once (default 128); beyond that, 429."""
+
+
 class UpstreamSpec(Spec):
     url: UpstreamUrl
     """http(s)://[user:password@]host[:port][/base]; userinfo is sent as Basic auth."""
@@ -592,6 +638,8 @@ class UpstreamSpec(Spec):
     idle_timeout: PositiveDuration | None = None
     """Pooled idle connections are closed after this (default 4s, below common servers' 5s)."""
     tls: TlsSpec | None = None
+    quota: Toggle[QuotaSpec] | None = None
+    """Track the provider's remaining quota and hold requests back at the reserve."""
 
 
 class AdminSpec(Spec):

@@ -82,6 +82,7 @@ STANDARD_METHODS = frozenset(
 
 BREAKER_STATES = ("closed", "open", "half_open", "forced_open", "forced_closed", "disabled")
 PG_STATUSES = ("unknown", "ok", "degraded", "critical")
+RATE_LIMIT_SOURCES = ("local", "shared", "quota", "upstream")
 ATTEMPT_RESULTS = ("ok", "status", "timeout", "connect-failure", "reset")
 RETRY_CALL_KINDS = (
     "successful_without_retry",
@@ -179,6 +180,13 @@ FAMILIES = _families(
         "Fallback responses served, by kind.",
         ("route", "kind"),
     ),
+    Family(
+        "rate_limited_total",
+        "counter",
+        "Requests refused for rate or quota, by who refused: our local or shared rate limit, "
+        "our quota gate (quota), or the provider itself (upstream).",
+        ("route", "source"),
+    ),
     # -- events --------------------------------------------------------------------------
     Family(
         "breaker_transitions_total",
@@ -250,6 +258,18 @@ FAMILIES = _families(
         "gauge",
         "1 when every injected header of the upstream resolved non-empty, 0 when one was "
         "omitted because its ${VAR} is empty.",
+        ("upstream",),
+    ),
+    Family(
+        "upstream_quota_remaining",
+        "gauge",
+        "The provider's remaining quota (the lowest over credential partitions).",
+        ("upstream",),
+    ),
+    Family(
+        "upstream_quota_reset_seconds",
+        "gauge",
+        "Seconds until that quota resets.",
         ("upstream",),
     ),
     Family(
@@ -357,6 +377,7 @@ class RequestRecord:
         "code",
         "method",
         "outcome",
+        "rate_limited",
         "retries",
         "target",
     )
@@ -373,6 +394,9 @@ class RequestRecord:
         self.breaker_rejected = 0  # attempts an open breaker refused
         self.bulkhead_rejected = 0  # attempts a full bulkhead refused
         self.target = 0  # the target of the last attempt (or refusal)
+        # rate_limited_total{source}: local | shared (our buckets), quota (our quota gate),
+        # upstream (the provider refused for quota); None: not rate-limited
+        self.rate_limited: str | None = None
 
 
 class Histogram:
@@ -405,6 +429,7 @@ class _RouteCounts:
         "duration",
         "fallback_stale",
         "fallback_static",
+        "rate_limited",
         "requests",
         "retries",
         "retry_kinds",
@@ -418,6 +443,7 @@ class _RouteCounts:
         self.budget_exhausted = 0
         self.fallback_stale = 0
         self.fallback_static = 0
+        self.rate_limited = dict.fromkeys(RATE_LIMIT_SOURCES, 0)
 
 
 class _TargetCounts:
@@ -638,6 +664,11 @@ class RouteMetrics:
             counts.retry_kinds[kind] += 1
         if rec.budget_exhausted:
             counts.budget_exhausted += 1
+        source = rec.rate_limited
+        if source is None and rec.code == 429 and outcome == "upstream-status":
+            source = "upstream"  # relayed from the provider
+        if source is not None:
+            counts.rate_limited[source] += 1
         if rec.breaker_rejected:
             self.targets[rec.target].breaker_rejected += rec.breaker_rejected
         if rec.bulkhead_rejected:
@@ -676,6 +707,8 @@ class LiveState:
     postgres: Callable[[], Iterable[dict[str, Any]]] = _no_items
     # (upstream, every injected header resolved non-empty)
     credentials: Callable[[], Iterable[tuple[str, bool]]] = _no_items
+    # (upstream, quota summary with "remaining" and "reset_seconds", None when unknown)
+    quotas: Callable[[], Iterable[tuple[str, dict[str, Any]]]] = _no_items
 
 
 class _Collector(Collector):
@@ -723,6 +756,8 @@ class _Collector(Collector):
             f["retry_budget_exhausted_total"].add_metric([route], counts.budget_exhausted)
             f["fallbacks_total"].add_metric([route, "stale"], counts.fallback_stale)
             f["fallbacks_total"].add_metric([route, "static"], counts.fallback_static)
+            for source, n in counts.rate_limited.items():
+                f["rate_limited_total"].add_metric([route, source], n)
         for (route, upstream), target in m._targets.items():
             for result, n in target.attempts.items():
                 f["upstream_attempts_total"].add_metric([route, upstream, result], n)
@@ -767,6 +802,12 @@ class _Collector(Collector):
             f["config_info"].add_metric([config_hash], 1.0)
         for upstream, present in live.credentials():
             f["upstream_credentials_present"].add_metric([upstream], 1.0 if present else 0.0)
+        for upstream, summary in live.quotas():
+            if summary.get("remaining") is not None:
+                f["upstream_quota_remaining"].add_metric([upstream], float(summary["remaining"]))
+            if summary.get("reset_seconds") is not None:
+                reset = float(summary["reset_seconds"])
+                f["upstream_quota_reset_seconds"].add_metric([upstream], reset)
         f["build_info"].add_metric([__version__, git_revision(), platform.python_version()], 1.0)
 
     def _render_postgres(self, f: dict[str, Any]) -> None:

@@ -276,14 +276,21 @@ def status_document(app: AdminContext) -> dict[str, Any]:
             }
         )
     upstreams = []
+    quotas = dict(app.registry.iter_quotas())
     for name, upstream in config.upstreams.items():
         client = app.registry.clients.get(name)
+        quota: dict[str, Any] | None = None
+        summary = quotas.get(name)
+        if summary is not None and upstream.quota is not None:
+            quota = {"headers": upstream.quota.headers, "reserve": upstream.quota.reserve}
+            quota.update(summary)
         upstreams.append(
             {
                 "name": name,
                 "url": upstream.url,
                 "max_connections": upstream.max_connections,
                 "in_flight": client.in_flight if client is not None else 0,
+                "quota": quota,
             }
         )
     return {

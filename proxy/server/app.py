@@ -114,6 +114,7 @@ class ProxyApp:
         live.cache = lambda: (self.store.entries, self.store.bytes)
         live.config_hash = lambda: self.runtime.config.hash[:12]
         live.postgres = self.probers.snapshots
+        live.quotas = self.registry.iter_quotas
         live.credentials = lambda: (
             (name, not upstream.missing_headers)
             for name, upstream in self.runtime.config.upstreams.items()

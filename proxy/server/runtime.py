@@ -27,7 +27,9 @@ from proxy.server.forwarding import HeaderPlan
 from proxy.stages.call import Stage
 from proxy.stages.failover import Serving
 from proxy.stages.pipeline import RouteState, TargetState, build_pipeline, target_route
+from proxy.stages.quota import QuotaState
 from proxy.state import LocalBackend, StateBackend
+from proxy.state.bucket import LocalBuckets
 from proxy.upstream import UpstreamClient
 
 # Request bodies up to this are buffered on a failover route without a retry block, so a
@@ -106,6 +108,9 @@ class Registry:
         self.budgets: dict[str, RetryBudget] = {}
         self.serving: dict[str, Serving] = {}
         self.clients: dict[str, UpstreamClient] = {}
+        self.quotas: dict[str, QuotaState] = {}  # per upstream with `quota`
+        # per route with `rate_limit`: (max_callers, its buckets)
+        self.buckets: dict[str, tuple[int, LocalBuckets]] = {}
         self.failures = FailureLog(clock)
         # The fleet state backend (DESIGN §15); the app sets the configured one and swaps it
         # on a reload that changes `state`, before the new runtime is compiled.
@@ -141,7 +146,35 @@ class Registry:
                 bulkhead = self.bulkheads[key] = Bulkhead(route.bulkhead, self.clock)
             else:
                 bulkhead.update_policy(route.bulkhead)
-        return TargetState(upstream, self.client_for(upstream), breaker, bulkhead)
+        return TargetState(
+            upstream, self.client_for(upstream), breaker, bulkhead, self.quota_for(upstream)
+        )
+
+    def quota_for(self, upstream: Upstream) -> QuotaState | None:
+        """The upstream's quota state: per upstream, shared by every route and target that
+        sends to it (the provider meters the credential, not the route)."""
+        policy = upstream.quota
+        if policy is None:
+            return None
+        state = self.quotas.get(upstream.name)
+        if state is None:
+            state = self.quotas[upstream.name] = QuotaState(upstream, policy, self.clock)
+        else:
+            state.update(upstream, policy)
+        backend = self.state
+        state.backend = backend if backend.name != "local" else None
+        return state
+
+    def buckets_for(self, route: Route) -> LocalBuckets | None:
+        """The route's local buckets (one, or one per caller, at most max_callers); a changed
+        rps or burst applies from the next take, a changed max_callers starts afresh."""
+        policy = route.rate_limit
+        if policy is None:
+            return None
+        kept = self.buckets.get(route.name)
+        if kept is None or kept[0] != policy.max_callers:
+            kept = self.buckets[route.name] = (policy.max_callers, LocalBuckets(policy.max_callers))
+        return kept[1]
 
     def state_for(self, route: Route) -> RouteState:
         targets = tuple(self.target_for(route, upstream) for upstream in route.targets)
@@ -155,7 +188,15 @@ class Registry:
                 budget = self.budgets[route.name] = RetryBudget(route.retry.budget, self.clock)
             else:
                 budget.update_policy(route.retry.budget)
-        return RouteState(targets, budget, self.store, serving, self.failures)
+        return RouteState(
+            targets,
+            budget,
+            self.store,
+            serving,
+            self.failures,
+            buckets=self.buckets_for(route),
+            shared=self.state,
+        )
 
     def prune(self, config: Config) -> None:
         """Drop the state of routes, targets and upstreams the new config no longer has."""
@@ -170,6 +211,12 @@ class Registry:
         routes = {r.name for r in config.routes}
         for name in [n for n in self.serving if n not in routes]:
             del self.serving[name]
+        limited = {r.name for r in config.routes if r.rate_limit is not None}
+        for name in [n for n in self.buckets if n not in limited]:
+            del self.buckets[name]
+        metered = {u.name for r in config.routes for u in r.targets if u.quota is not None}
+        for name in [n for n in self.quotas if n not in metered]:
+            self.quotas.pop(name).close()
         for name in {k[0] for k in self.failures.latest} - {r.name for r in config.routes}:
             self.failures.forget_route(name)
         for name in [n for n in self.clients if n not in config.upstreams]:
@@ -189,6 +236,8 @@ class Registry:
     async def close(self) -> None:
         for task in list(self._closers):
             task.cancel()
+        for quota in self.quotas.values():
+            quota.close()  # no quota waiter or snapshot writer outlives the app
         for client in list(self.clients.values()):
             await client.close()
         self.clients.clear()
@@ -197,6 +246,13 @@ class Registry:
         for (route, upstream), breaker in self.breakers.items():
             state = breaker.reported_state()
             yield BreakerView(route, upstream, state.value, breaker.opened_at_wall())
+
+    def iter_quotas(self) -> Iterator[tuple[str, dict[str, float | int | None]]]:
+        now = self.clock.now()
+        for name, state in self.quotas.items():
+            summary = state.tracker.summary(now)
+            summary["queued"] = state.queued
+            yield name, summary
 
     def iter_bulkheads(self) -> Iterator[tuple[str, str, int, int]]:
         for (route, upstream), bulkhead in self.bulkheads.items():

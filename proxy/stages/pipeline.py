@@ -1,7 +1,7 @@
 """The one place that declares the order of a route's stages (DESIGN §6, §16):
 
-    route:   [rate limit] → fallback → total timeout → retry → failover
-    target:  [quota] → breaker → bulkhead → attempt timeout → upstream
+    route:   rate limit → fallback → total timeout → retry → failover
+    target:  quota → breaker → bulkhead → attempt timeout → upstream
 
 The route stages run once per request; the target chain once per attempt, and a route
 with `failover` has one chain per target (its own breaker, bulkhead and upstream client),
@@ -32,8 +32,11 @@ from proxy.stages.bulkhead import BulkheadStage
 from proxy.stages.call import Stage
 from proxy.stages.failover import FailoverStage, Serving
 from proxy.stages.fallback import FallbackStage
+from proxy.stages.quota import QuotaStage, QuotaState
+from proxy.stages.ratelimit import RateLimitStage, SharedBuckets
 from proxy.stages.retry import RetryStage
 from proxy.stages.timeout import TotalTimeoutStage
+from proxy.state.bucket import LocalBuckets
 from proxy.upstream import UpstreamClient
 
 
@@ -45,6 +48,7 @@ class TargetState:
     client: UpstreamClient
     breaker: Breaker | None
     bulkhead: Bulkhead | None
+    quota: QuotaState | None = None  # per upstream (the provider meters the credential)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,12 +76,22 @@ class RouteState:
         return self.targets[0].bulkhead
 
     failures: FailureLog | None = None  # failure causes: rate-limited warnings, last cause
+    buckets: LocalBuckets | None = None  # the route's local rate-limit buckets
+    shared: SharedBuckets | None = None  # the fleet state backend, for shared: true
 
 
 # Each entry: (name, builder returning the wrapped stage, or None when the route does not
 # enable it). Route stages wrap the whole request, target stages one target's attempt.
 RouteBuilder = Callable[[Stage, Route, RouteState, Clock, Rng, EventBus], Stage | None]
 TargetBuilder = Callable[[Stage, Route, TargetState, Clock], Stage | None]
+
+
+def _rate_limit(
+    inner: Stage, route: Route, st: RouteState, clock: Clock, rng: Rng, bus: EventBus
+) -> Stage | None:
+    if route.rate_limit is None or st.buckets is None:
+        return None
+    return RateLimitStage(inner, route.name, route.rate_limit, st.buckets, clock, st.shared)
 
 
 def _fallback(
@@ -105,6 +119,16 @@ def _retries(route: Route) -> bool:
     return route.retry is not None and route.retry.max_attempts > 1
 
 
+def _quota(inner: Stage, route: Route, target: TargetState, clock: Clock) -> Stage | None:
+    if target.quota is None:
+        return None
+    # On a failover route whose `on` lists quota, a spent target is skipped at once (the
+    # next target may answer now) rather than waited for; the last target still waits.
+    last = route.targets[-1].name == target.upstream.name
+    skips = route.failover is not None and "quota" in route.failover.conditions and not last
+    return QuotaStage(inner, target.quota, clock, waits=not skips)
+
+
 def _breaker(inner: Stage, route: Route, target: TargetState, clock: Clock) -> Stage | None:
     return BreakerStage(inner, target.breaker) if target.breaker is not None else None
 
@@ -115,8 +139,8 @@ def _bulkhead(inner: Stage, route: Route, target: TargetState, clock: Clock) -> 
 
 # Outermost first.
 ROUTE_ORDER: tuple[tuple[str, RouteBuilder], ...] = (
-    # ("rate_limit", ...): the quota branch's per-request rate limit goes here, first: its
-    # 429 is the caller's answer and never replaced by a fallback (DESIGN §14).
+    # First: its 429 is the caller's answer and never replaced by a fallback (DESIGN §14).
+    ("rate_limit", _rate_limit),
     ("fallback", _fallback),
     ("total_timeout", _total),
     ("retry", _retry),
@@ -124,8 +148,9 @@ ROUTE_ORDER: tuple[tuple[str, RouteBuilder], ...] = (
 # Then, on a route with `failover` only, the failover stage: it picks each attempt's target.
 FAILOVER = "failover"
 TARGET_ORDER: tuple[tuple[str, TargetBuilder], ...] = (
-    # ("quota", ...): the quota branch's per-target quota stage goes here, first: a quota
-    # refusal sends nothing, so a failover route skips the target at no cost (DESIGN §16).
+    # First: a quota refusal sends nothing, so a failover route skips the target at no cost
+    # (DESIGN §16).
+    ("quota", _quota),
     ("breaker", _breaker),
     ("bulkhead", _bulkhead),
 )
@@ -187,9 +212,14 @@ def build_pipeline(
 
 
 def _admits(target: TargetState) -> Callable[[], bool]:
-    """Whether the target's own refusing stages would let an attempt through now. The quota
-    stage, when it lands, must be asked here too (its refusal is also skipped)."""
-    return target.breaker.admits if target.breaker is not None else _always
+    """Whether the target's own refusing stages would let an attempt through now: its
+    breaker, and its quota as seen by the shared partition (the check has no request)."""
+    breaker, quota = target.breaker, target.quota
+    if quota is None:
+        return breaker.admits if breaker is not None else _always
+    if breaker is None:
+        return quota.admits
+    return lambda: breaker.admits() and quota.admits()
 
 
 def _always() -> bool:

@@ -163,6 +163,7 @@ def test_render_fills_placeholders_and_refuses_missing_ones() -> None:
 
 def test_templates_render_with_every_placeholder_the_harness_provides() -> None:
     values: dict[str, object] = {"tmp": "/tmp/x", "body": run.BODY, "admin_token": "t"}
+    values.update(redis_url="redis://127.0.0.1:6379/0", redis_prefix="rp-bench-1")
     for name in ("upstream", "nginx", "proxy", "admin", "blackhole"):
         values[f"{name}_port"] = 1
     for template in sorted(run.TEMPLATES.iterdir()):

@@ -614,6 +614,27 @@ async def test_real_proxy_page_shows_a_forced_open_breaker(
         assert_png(await browser.screenshot(real_proxy + "/", name, size), size)
 
 
+async def test_upstream_quota_is_shown_per_upstream(browser: Browser, canned: Any) -> None:
+    doc = json.loads(json.dumps(CANNED))
+    doc["upstreams"] = [
+        {"name": "api", "url": "https://api.example.com", "max_connections": 100, "in_flight": 5, "quota": None},
+        {
+            "name": "gh", "url": "https://api.github.com", "max_connections": 50, "in_flight": 0,
+            "quota": {"headers": "github", "reserve": 0, "remaining": 12, "limit": 5000,
+                      "reset_seconds": 41.2, "paused_seconds": 0, "partitions": 1, "queued": 3},
+        },
+        {
+            "name": "hf", "url": "https://huggingface.co", "max_connections": 50, "in_flight": 0,
+            "quota": {"headers": "huggingface", "reserve": 0, "remaining": None, "limit": None,
+                      "reset_seconds": None, "paused_seconds": 59.5, "partitions": 1, "queued": 0},
+        },
+    ]  # fmt: skip
+    dom = await browser.dom(await canned(doc))
+    assert cell(dom.one("data-upstream", "gh"), "Quota") == "12 / 5,000 left, resets in 42s, 3 waiting"
+    assert cell(dom.one("data-upstream", "hf"), "Quota") == "paused 60s"
+    assert cell(dom.one("data-upstream", "api"), "Quota") == "—"
+
+
 async def test_a_failover_route_shows_each_targets_breaker_and_the_serving_one(
     browser: Browser, canned: Any
 ) -> None:

@@ -21,10 +21,12 @@ upstreams:
   u: {url: "http://127.0.0.1:9"}
   v: {url: "http://127.0.0.1:10"}
   w: {url: "http://127.0.0.1:11"}
+  metered: {url: "http://127.0.0.1:12", quota: {headers: github}}
 routes:
   - name: everything
     match: {path_prefix: /all/}
-    upstream: u
+    upstream: metered
+    rate_limit: {rps: 10}
     retry: true
     breaker: true
     bulkhead: true
@@ -59,26 +61,30 @@ def _stages(route_name: str) -> tuple[str, ...]:
 
 def test_declared_order_is_designs():
     # DESIGN §6: rate limit → fallback → total timeout → retry → failover → quota → breaker
-    # → bulkhead → attempt timeout; rate limit and quota arrive with their own stages.
+    # → bulkhead → attempt timeout.
     assert ORDER == (
+        "rate_limit",
         "fallback",
         "total_timeout",
         "retry",
         "failover",
+        "quota",
         "breaker",
         "bulkhead",
         "attempt",
     )
-    assert [name for name, _ in ROUTE_ORDER] == ["fallback", "total_timeout", "retry"]
+    assert [name for name, _ in ROUTE_ORDER] == ["rate_limit", "fallback", "total_timeout", "retry"]
     assert FAILOVER == "failover"
-    assert [name for name, _ in TARGET_ORDER] == ["breaker", "bulkhead"]
+    assert [name for name, _ in TARGET_ORDER] == ["quota", "breaker", "bulkhead"]
 
 
 def test_a_route_with_every_stage_runs_them_outermost_first():
     assert _stages("everything") == (
+        "rate_limit",
         "fallback",
         "total_timeout",
         "retry",
+        "quota",
         "breaker",
         "bulkhead",
         "attempt",
