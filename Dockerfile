@@ -1,12 +1,20 @@
 # resilience-proxy container image (DESIGN §11): docs/deployment.md explains how to run it.
 #
 #   docker build -t resilience-proxy .
-#   docker run --rm -p 127.0.0.1:8080:8080 -p 127.0.0.1:9901:9901 \
-#     -e HF_TOKEN -e GITHUB_TOKEN -v resilience-proxy-state:/var/lib/resilience-proxy \
-#     resilience-proxy
+#   docker run --rm -p 127.0.0.1:9901:9901 -e HF_TOKEN -e GITHUB_TOKEN \
+#     -v resilience-proxy-state:/var/lib/resilience-proxy resilience-proxy
 #
-# Stage 1 builds the project's wheel and the wheels of its dependencies; stage 2 installs
-# exactly those wheels (no compiler, no source tree, no index access) into a virtualenv.
+# The proxy listener is on the container's loopback (127.0.0.1:8080) by default: the agent
+# reaches it from the same network namespace (a pod, or `docker run --network
+# container:<proxy>`), and a published port cannot expose the injected tokens. To serve other
+# containers, opt in explicitly with RESILIENCE_PROXY_LISTEN=0.0.0.0:8080 and
+# RESILIENCE_PROXY_ALLOW_REMOTE_CLIENTS=true (deploy/compose.yaml does); the proxy then logs a
+# warning at start.
+#
+# Stage 1 downloads the locked dependency wheels (requirements.lock: every version pinned,
+# every file checked against its sha256) and builds the project's own wheel; stage 2 installs
+# exactly those wheels (no compiler, no source tree, no index access) into a virtualenv,
+# checking the hashes again.
 # The base tag is pinned; pin it by digest too (python:3.11.11-slim-bookworm@sha256:...)
 # when you mirror the image.
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
@@ -15,9 +23,12 @@ FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY requirements.lock pyproject.toml README.md ./
 COPY proxy ./proxy
-RUN python -m pip wheel --wheel-dir /wheels .
+RUN python -m pip download --require-hashes --only-binary=:all: --dest /wheels \
+      -r requirements.lock \
+ && python -m pip wheel --no-deps --wheel-dir /wheels . \
+ && cp requirements.lock /wheels/requirements.lock
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="resilience-proxy" \
@@ -34,7 +45,9 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 # so they never become a layer of this image.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     python -m venv /opt/resilience-proxy \
- && /opt/resilience-proxy/bin/pip install --no-index --find-links=/wheels resilience-proxy \
+ && /opt/resilience-proxy/bin/pip install --no-index --find-links=/wheels --require-hashes \
+      -r /wheels/requirements.lock \
+ && /opt/resilience-proxy/bin/pip install --no-index --find-links=/wheels --no-deps resilience-proxy \
  && groupadd --system --gid 10001 resilience-proxy \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
       --shell /usr/sbin/nologin resilience-proxy \

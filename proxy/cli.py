@@ -8,9 +8,23 @@ import json
 import os
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from proxy import __version__
+from proxy.version import version_text
+
+if TYPE_CHECKING:
+    from proxy.config.model import Config
+
+
+class _PrintVersion(argparse.Action):
+    """`--version`: the same line as `version`; git is asked only when the flag is given."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(version_text())
+        parser.exit()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         description="A sidecar reverse proxy with per-route timeouts, retries, circuit "
         "breakers, bulkheads and cached fallbacks.",
     )
+    parser.add_argument("--version", action=_PrintVersion, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("run", "serve"), ("check", "validate the config and print every problem")):
         cmd = sub.add_parser(name, help=text)
@@ -40,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "version":
-        _write([__version__])
+        _write([version_text()])
         return 0
     from proxy.config import ConfigInvalid, default_config_path, json_schema, load_config
 
@@ -101,12 +116,32 @@ def _run(config: object, path: str, level: str) -> int:
         return 0
 
 
+def exposed_credentials(config: Config) -> list[str]:
+    """The upstreams whose injected credentials a non-loopback proxy listener offers to
+    whoever reaches it (`allow_remote_clients: true`); empty on loopback."""
+    from proxy.config.schema import is_loopback
+
+    if is_loopback(config.listen_host.strip("[]")):
+        return []
+    return sorted(name for name, up in config.upstreams.items() if up.injects_credentials)
+
+
 async def _serve(config: object, path: str) -> int:
     from proxy.config.model import Config
     from proxy.observe import log
     from proxy.server.app import ProxyApp
 
     assert isinstance(config, Config)
+    exposed = exposed_credentials(config)
+    if exposed:
+        log.warning(
+            "remote_clients_allowed",
+            listen=_address(config.listen_host, config.listen_port),
+            upstreams=exposed,
+            message="the proxy listener is not on loopback and these upstreams inject "
+            "credentials: anyone who can reach it can use them; keep the port on a trusted "
+            "network, or listen on 127.0.0.1",
+        )
     app = ProxyApp(config, path)
     try:
         await app.start()
@@ -118,3 +153,7 @@ async def _serve(config: object, path: str) -> int:
     await app.wait_stopped()
     await app.drain_and_stop()
     return 0
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

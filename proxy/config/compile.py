@@ -532,7 +532,10 @@ class _Compiler:
         if at:
             user, _, password = userinfo_text.partition(":")
             user, password = unquote(user), unquote(password)
-            if user or password:  # `https://${KEY:-}:${SECRET:-}@host` with both unset: none
+            # `https://${KEY:-}:${SECRET:-}@host` with either one unset sends nothing, as an
+            # injected header with an empty ${VAR} is omitted (rather than Basic "key:").
+            half = (*path, "url") in self.doc.empty_vars and not (user and password)
+            if (user or password) and not half:
                 userinfo = (user, password)
                 self.secrets.add(password or user)
                 self.credentials.add(password or user)
@@ -596,9 +599,19 @@ class _Compiler:
         )
 
     def missing_headers(self, path: Path) -> tuple[str, ...]:
-        """The injected headers left out because a ${VAR} in them expanded to empty."""
+        """The injected headers left out because a ${VAR} in them expanded to empty; also
+        `Authorization` when URL userinfo (`https://${KEY:-}:${SECRET:-}@host`) lost its user
+        or its password that way, since that userinfo is the Basic credential it sends."""
         raw = self.doc.data["upstreams"][path[1]].get("headers") or {}
-        return tuple(name for name in raw if (*path, "headers", name) in self.doc.empty_vars)
+        missing = [name for name in raw if (*path, "headers", name) in self.doc.empty_vars]
+        if (*path, "url") in self.doc.empty_vars:
+            userinfo, at, _ = urlsplit(
+                str(self.doc.data["upstreams"][path[1]]["url"])
+            ).netloc.rpartition("@")
+            user, _, password = userinfo.partition(":")
+            if at and not (user and password) and "authorization" not in (n.lower() for n in raw):
+                missing.append("Authorization")
+        return tuple(missing)
 
     def injected_headers(self, path: Path, spec: UpstreamSpec) -> tuple[tuple[str, str], ...]:
         raw = self.doc.data["upstreams"][path[1]].get("headers") or {}

@@ -21,13 +21,10 @@ counts in a plain dict on `Metrics` (or read them from live state through a call
 
 from __future__ import annotations
 
-import os
 import platform
-import subprocess
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from functools import cache
 from typing import Any
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
@@ -40,7 +37,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from proxy import __version__
+from proxy import __version__, version_info
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.observe.events import (
     BreakerTransitioned,
@@ -363,26 +360,10 @@ def method_label(method: str) -> str:
     return method if method in STANDARD_METHODS else "OTHER"
 
 
-@cache
 def git_revision() -> str:
-    """The short git revision of the checkout the package runs from, else "unknown" (an
-    installed wheel, no git, or a slow filesystem: never more than 2 s, once)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            timeout=2.0,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    revision = out.stdout.strip()
-    if out.returncode != 0 or not revision or not all(c in "0123456789abcdef" for c in revision):
-        return "unknown"
-    return revision
+    """The git revision `resilience-proxy --version` names (proxy.version: the checkout the
+    package runs from, else "unknown"), read once."""
+    return version_info()[1]
 
 
 class RequestRecord:

@@ -86,6 +86,58 @@ def test_default_config_comes_from_the_environment(tmp_path: Path) -> None:
     assert result.returncode == 2 and str(path) in result.stdout
 
 
+EXPOSED = """\
+version: 1
+listen: 0.0.0.0:{port}
+allow_remote_clients: true
+admin: {{listen: "127.0.0.1:{admin}"}}
+upstreams:
+  api:
+    url: https://api.example.com
+    headers: {{Authorization: "Bearer ${{API_TOKEN:-}}"}}
+  open: {{url: "https://open.example.com"}}
+routes:
+  - {{name: api, match: {{path_prefix: /api/}}, upstream: api}}
+  - {{name: open, match: {{path_prefix: /open/}}, upstream: open}}
+"""
+
+
+def test_exposed_credentials_names_injecting_upstreams_off_loopback_only() -> None:
+    from proxy.cli import exposed_credentials
+    from proxy.config import load_config_text
+
+    text = EXPOSED.format(port=8080, admin=9901)
+    assert exposed_credentials(load_config_text(text, env={"API_TOKEN": "t0ken"})) == ["api"]
+    # No token set: nothing is injected, nothing exposed.
+    assert exposed_credentials(load_config_text(text, env={})) == []
+    loopback = text.replace("0.0.0.0:8080", "127.0.0.1:8080")
+    assert exposed_credentials(load_config_text(loopback, env={"API_TOKEN": "t0ken"})) == []
+
+
+def test_a_remote_listener_that_injects_credentials_warns_at_start(tmp_path: Path) -> None:
+    # The port is taken on 127.0.0.1, so the wildcard bind fails after the start-up checks:
+    # the warning is logged, and nothing ever listens off loopback during the test.
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        admin = free.getsockname()[1]
+    env = {"PATH": "/usr/bin:/bin", "API_TOKEN": "secret-token-value", "XDG_STATE_HOME": str(tmp_path)}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "exposed.yaml"
+        path.write_text(EXPOSED.format(port=port, admin=admin))
+        result = cli("run", "--config", str(path), env=env)
+    assert result.returncode == 1, result.stderr
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    [warning] = [line for line in lines if line["event"] == "remote_clients_allowed"]
+    assert warning["level"] == "warning"
+    assert warning["listen"] == f"0.0.0.0:{port}"
+    assert warning["upstreams"] == ["api"]
+    assert "secret-token-value" not in result.stderr
+    assert any(line["event"] == "listen_failed" for line in lines)
+
+
 # --- issue 12: hostile files, warnings, a closed pipe -------------------------------------
 
 

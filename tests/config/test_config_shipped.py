@@ -18,6 +18,8 @@ TYPICAL_ENV = {
     "HOME": "/home/agent",
     "HF_TOKEN": "hf_secret_token_1234",
     "GITHUB_TOKEN": "ghp_secret_token_5678",
+    "CLOUDINARY_API_KEY": "cloud-key-42",
+    "CLOUDINARY_API_SECRET": "cloud-secret-43",
     "DATABASE_URL": "postgresql://agent:db-password-42@db.internal:5432/agent",
     "RESILIENCE_PROXY_ADMIN_TOKEN": "admin-token-abcdef",
     "RESILIENCE_PROXY_LISTEN": "0.0.0.0:8080",
@@ -35,17 +37,25 @@ TYPICAL_ENV = {
 
 def test_loads_with_no_environment_variable_set() -> None:
     config = load_config(SHIPPED, env={})
-    assert [r.name for r in config.routes] == ["cloudinary", "huggingface", "github"]
+    assert [r.name for r in config.routes] == [
+        "cloudinary",
+        "huggingface",
+        "huggingface-hub",
+        "github",
+    ]
     assert [r.match.path_prefix for r in config.routes] == [
         "/cloudinary/",
         "/huggingface/",
+        "/huggingface-hub/",  # huggingface_hub's HF_ENDPOINT (docs/deployment.md)
         "/github/",
     ]
     assert {name: u.url for name, u in config.upstreams.items()} == {
         "cloudinary": "https://api.cloudinary.com",
         "huggingface": "https://api-inference.huggingface.co",
+        "huggingface-hub": "https://huggingface.co",
         "github": "https://api.github.com",
     }
+    assert config.upstreams["cloudinary"].userinfo is None  # no key, no Basic auth
     # No token set: nothing injected, so nothing to leak.
     assert not any(u.injects_credentials for u in config.upstreams.values())
     assert (config.listen_host, config.listen_port) == ("127.0.0.1", 8080)
@@ -63,7 +73,8 @@ def test_loads_with_no_environment_variable_set() -> None:
 
 
 def test_route_specifics() -> None:
-    cloudinary, huggingface, github = load_config(SHIPPED, env={}).routes
+    cloudinary, huggingface, hub, github = load_config(SHIPPED, env={}).routes
+    assert hub.upstream.name == "huggingface-hub" and hub.retry is not None
     assert huggingface.timeout.total == 900.0 and huggingface.timeout.per_try == 900.0
     assert huggingface.retry is not None and "POST" in huggingface.retry.methods
     assert cloudinary.retry is not None and "POST" not in cloudinary.retry.methods
@@ -82,6 +93,11 @@ def test_loads_with_typical_variables() -> None:
     assert dict(config.upstreams["huggingface"].headers) == {
         "authorization": "Bearer hf_secret_token_1234"
     }
+    assert dict(config.upstreams["huggingface-hub"].headers) == {
+        "authorization": "Bearer hf_secret_token_1234"
+    }
+    # The Admin API's Basic credentials come from the URL's ${...} userinfo.
+    assert config.upstreams["cloudinary"].userinfo == ("cloud-key-42", "cloud-secret-43")
     assert (config.listen_host, config.allow_remote_clients) == ("0.0.0.0", True)
     assert config.admin.token == "admin-token-abcdef"
     assert config.state_file == "/var/lib/resilience-proxy/state.json"
@@ -95,7 +111,7 @@ def test_loads_with_typical_variables() -> None:
     assert main.display_dsn == "postgresql://agent:<redacted>@db.internal:5432/agent"
     assert (main.probe_interval, main.probe_timeout) == (15.0, 3.0)
     dump = json.dumps(config.redacted)
-    for secret in ("hf_secret_token_1234", "ghp_secret_token_5678", "db-password-42"):
+    for secret in ("hf_secret_token_1234", "ghp_secret_token_5678", "db-password-42", "cloud-secret-43"):
         assert secret not in dump
     assert "admin-token-abcdef" not in dump
 
@@ -144,3 +160,23 @@ def test_json_schema_accepts_variables_in_typed_fields() -> None:
     jsonschema.Draft202012Validator(json_schema()).validate(tree)
     tree["policies"]["api"]["bulkhead"]["max_concurrent"] = "sixty-four"
     assert not jsonschema.Draft202012Validator(json_schema()).is_valid(tree)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{}, {"CLOUDINARY_API_KEY": "cloud-key-42"}, {"CLOUDINARY_API_SECRET": "cloud-secret-43"}],
+    ids=["neither", "key-only", "secret-only"],
+)
+def test_cloudinary_credentials_with_a_part_missing_are_not_sent_and_are_reported(
+    env: dict[str, str],
+) -> None:
+    # Like an injected header with an empty ${VAR}: no half credential (Basic "key:") goes
+    # out, and the upstream counts as missing its credentials (the start/reload warning and
+    # upstream_credentials_present = 0), since the agent's SDK holds only dummy ones.
+    cloudinary = load_config(SHIPPED, env=env).upstreams["cloudinary"]
+    assert cloudinary.userinfo is None and not cloudinary.injects_credentials
+    assert cloudinary.missing_headers == ("Authorization",)
+    full = load_config(
+        SHIPPED, env={"CLOUDINARY_API_KEY": "cloud-key-42", "CLOUDINARY_API_SECRET": "cloud-secret-43"}
+    ).upstreams["cloudinary"]
+    assert full.missing_headers == ()

@@ -16,7 +16,9 @@ import pytest
 import yaml
 from deploy_support import REPO, parse_duration
 
-BASE = REPO / "deploy" / "kubernetes" / "base"
+KUBERNETES = REPO / "deploy" / "kubernetes"
+BASE = KUBERNETES / "base"
+EXAMPLE = KUBERNETES / "overlays" / "example"  # the base + both optional components
 # 1.29: native sidecars on by default (beta); the newest schema the package ships is the other end.
 K8S_VERSIONS = ("1.29", kubernetes_validate.latest_version())
 SIDECAR = "resilience-proxy"
@@ -25,19 +27,25 @@ SECRETISH = re.compile(r"TOKEN|SECRET|PASSWORD|API_KEY|DATABASE_URL|CLOUDINARY_U
 
 
 def render(base: Path) -> list[dict[str, Any]]:
-    """A tiny kustomize: `resources` + `configMapGenerator` (files) + `generatorOptions`.
+    """A tiny kustomize: `resources` (files or other kustomization directories) +
+    `components` + `configMapGenerator` (files) + `generatorOptions`.
 
-    Anything else in kustomization.yaml fails loudly, so the renderer can never silently
+    Anything else in a kustomization fails loudly, so the renderer can never silently
     disagree with `kubectl kustomize`.
     """
     kustomization = yaml.safe_load((base / "kustomization.yaml").read_text("utf-8"))
-    understood = {"apiVersion", "kind", "resources", "configMapGenerator", "generatorOptions"}
+    understood = {"apiVersion", "kind", "resources", "components", "configMapGenerator",
+                  "generatorOptions"}  # fmt: skip
     assert set(kustomization) <= understood, set(kustomization) - understood
     options = kustomization.get("generatorOptions", {})
     assert set(options) <= {"disableNameSuffixHash", "labels"}, options
     docs: list[dict[str, Any]] = []
-    for resource in kustomization["resources"]:
-        docs += [d for d in yaml.safe_load_all((base / resource).read_text("utf-8")) if d]
+    for resource in kustomization.get("resources", []):
+        path = base / resource
+        if path.is_dir():
+            docs += render(path)
+        else:
+            docs += [d for d in yaml.safe_load_all(path.read_text("utf-8")) if d]
     for generator in kustomization.get("configMapGenerator", []):
         assert set(generator) <= {"name", "files"}, generator
         # The renderer does not reimplement kustomize's name hash; the base disables it.
@@ -50,12 +58,26 @@ def render(base: Path) -> list[dict[str, Any]]:
         if options.get("labels"):
             metadata["labels"] = dict(options["labels"])
         docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data})
+    for component in kustomization.get("components", []):
+        path = base / component
+        spec = yaml.safe_load((path / "kustomization.yaml").read_text("utf-8"))
+        assert spec["kind"] == "Component", component
+        docs += render(path)
     return docs
+
+
+def by_name(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {f"{d['kind']}/{d['metadata']['name']}": d for d in docs}
 
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, dict[str, Any]]:
-    return {f"{d['kind']}/{d['metadata']['name']}": d for d in render(BASE)}
+    return by_name(render(BASE))
+
+
+@pytest.fixture(scope="module")
+def with_components() -> dict[str, dict[str, Any]]:
+    return by_name(render(EXAMPLE))
 
 
 @pytest.fixture(scope="module")
@@ -107,37 +129,50 @@ def host_port(listen: str) -> tuple[str, int]:
 
 
 def test_base_renders_the_expected_objects(rendered: dict[str, dict[str, Any]]) -> None:
-    assert set(rendered) == {
-        "Deployment/agent",
-        "ConfigMap/resilience-proxy-config",
-        "PodMonitor/resilience-proxy",
-    }
+    # Core objects only: `kubectl apply -k base` works on a cluster without the Prometheus
+    # Operator (a PodMonitor without its CRD makes the whole apply fail).
+    assert set(rendered) == {"Deployment/agent", "ConfigMap/resilience-proxy-config"}
+    assert all(d["apiVersion"] in {"v1", "apps/v1"} for d in rendered.values())
     # The Secret is an example only: applying the base must never overwrite real tokens.
     assert not any(d["kind"] == "Secret" for d in rendered.values())
 
 
-def test_renderer_agrees_with_kubectl_kustomize(rendered: dict[str, dict[str, Any]]) -> None:
+def test_components_add_the_podmonitor_and_the_networkpolicy(
+    rendered: dict[str, dict[str, Any]], with_components: dict[str, dict[str, Any]]
+) -> None:
+    assert set(with_components) == set(rendered) | {
+        "PodMonitor/resilience-proxy",
+        "NetworkPolicy/resilience-proxy",
+    }
+    for name, doc in rendered.items():
+        assert with_components[name] == doc, f"a component changed {name}"
+    for component in ("podmonitor", "networkpolicy"):
+        spec = yaml.safe_load((KUBERNETES / "components" / component / "kustomization.yaml").read_text())
+        assert (spec["apiVersion"], spec["kind"]) == ("kustomize.config.k8s.io/v1alpha1", "Component")
+
+
+@pytest.mark.parametrize("directory", [BASE, EXAMPLE], ids=["base", "overlay-with-components"])
+def test_renderer_agrees_with_kubectl_kustomize(directory: Path) -> None:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed: the cross-check with real kustomize did NOT run")
     out = subprocess.run(
-        [kubectl, "kustomize", str(BASE)], capture_output=True, text=True, timeout=60, check=True
+        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60, check=True
     ).stdout
-    real = {f"{d['kind']}/{d['metadata']['name']}": d for d in yaml.safe_load_all(out) if d}
-    assert real == rendered
+    assert by_name([d for d in yaml.safe_load_all(out) if d]) == by_name(render(directory))
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_core_objects_validate_against_the_kubernetes_schema(
-    rendered: dict[str, dict[str, Any]], secret_example: dict[str, Any], version: str
+    with_components: dict[str, dict[str, Any]], secret_example: dict[str, Any], version: str
 ) -> None:
-    checked = 0
-    for doc in [*rendered.values(), secret_example]:
+    checked = []
+    for doc in [*with_components.values(), secret_example]:
         if doc["apiVersion"].startswith("monitoring.coreos.com/"):
             continue  # a CRD: no schema in kubernetes-validate; its shape is checked below
         kubernetes_validate.validate(doc, version, strict=True)
-        checked += 1
-    assert checked == 3
+        checked.append(doc["kind"])
+    assert sorted(checked) == ["ConfigMap", "Deployment", "NetworkPolicy", "Secret"]
 
 
 def test_schema_validation_catches_a_misspelt_field(deployment: dict[str, Any]) -> None:
@@ -148,9 +183,9 @@ def test_schema_validation_catches_a_misspelt_field(deployment: dict[str, Any]) 
 
 
 def test_podmonitor_scrapes_the_sidecar_admin_port(
-    rendered: dict[str, dict[str, Any]], deployment: dict[str, Any], sidecar: dict[str, Any]
+    with_components: dict[str, dict[str, Any]], deployment: dict[str, Any], sidecar: dict[str, Any]
 ) -> None:
-    monitor = rendered["PodMonitor/resilience-proxy"]
+    monitor = with_components["PodMonitor/resilience-proxy"]
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     selector = monitor["spec"]["selector"]["matchLabels"]
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -158,6 +193,26 @@ def test_podmonitor_scrapes_the_sidecar_admin_port(
     [endpoint] = monitor["spec"]["podMetricsEndpoints"]
     assert endpoint["path"] == "/metrics"
     assert endpoint["port"] in {p["name"] for p in sidecar["ports"]}
+
+
+def test_networkpolicy_admits_only_prometheus_to_the_admin_port(
+    with_components: dict[str, dict[str, Any]],
+    deployment: dict[str, Any],
+    sidecar: dict[str, Any],
+    proxy_config: dict[str, Any],
+) -> None:
+    policy = with_components["NetworkPolicy/resilience-proxy"]["spec"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["policyTypes"] == ["Ingress"]
+    [rule] = policy["ingress"]  # everything else, the proxy listener included, is denied
+    ports = {(p["protocol"], p["port"]) for p in rule["ports"]}
+    admin_port = host_port(proxy_config["admin"]["listen"])[1]
+    assert ports == {("TCP", admin_port)}
+    assert admin_port in {p["containerPort"] for p in sidecar["ports"]}
+    assert host_port(proxy_config["listen"])[1] not in {port for _, port in ports}
+    [source] = rule["from"]
+    assert source["namespaceSelector"]["matchLabels"] and source["podSelector"]["matchLabels"]
 
 
 def test_scrape_annotations_point_at_the_admin_listener(
@@ -312,7 +367,8 @@ def test_sidecar_receives_every_secret_its_config_references(
     text = (BASE / "proxy.yaml").read_text("utf-8")
     referenced = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", text))
     from_secret = referenced & set(secret_example["stringData"])
-    assert {"HF_TOKEN", "GITHUB_TOKEN", "RESILIENCE_PROXY_ADMIN_TOKEN"} <= from_secret
+    assert {"HF_TOKEN", "GITHUB_TOKEN", "RESILIENCE_PROXY_ADMIN_TOKEN", "CLOUDINARY_API_KEY",
+            "CLOUDINARY_API_SECRET"} <= from_secret  # fmt: skip
     env = env_of(sidecar)
     for name in from_secret:
         assert env[name]["valueFrom"]["secretKeyRef"]["key"] == name
@@ -329,13 +385,15 @@ def test_agent_base_urls_point_at_configured_routes(
     base = re.compile(rf"^http://{re.escape(host)}:{port}(/[^?]*)$")
     env = env_of(agent)
     expected = {
-        "HF_INFERENCE_ENDPOINT": "/huggingface",
-        "HF_BASE_URL": "/huggingface",
+        "HF_ENDPOINT": "/huggingface-hub",  # read by huggingface_hub (tests/sdk)
+        "HF_BASE_URL": "/huggingface",  # conventions for the agent's own code
         "HUGGINGFACE_BASE_URL": "/huggingface",
-        "HF_ENDPOINT": "/huggingface-hub",
-        "CLOUDINARY_UPLOAD_PREFIX": "/cloudinary",
         "GITHUB_API_URL": "/github",
     }
+    # Settings no SDK reads the way the old comments claimed: never offered again.
+    # (CLOUDINARY_UPLOAD_PREFIX is read only while CLOUDINARY_CLOUD_NAME is set, which the
+    # agent, configured by CLOUDINARY_URL, does not set.)
+    assert not {"HF_INFERENCE_ENDPOINT", "CLOUDINARY_UPLOAD_PREFIX"} & set(env)
     for name, prefix in expected.items():
         match = base.match(env[name]["value"])
         assert match, f"{name}={env[name]['value']}"
@@ -343,10 +401,16 @@ def test_agent_base_urls_point_at_configured_routes(
     cloudinary_url = secret_example["stringData"]["CLOUDINARY_URL"]
     upload_prefix = cloudinary_url.partition("upload_prefix=")[2]
     assert upload_prefix == f"http://{host}:{port}/cloudinary"
+    assert env["CLOUDINARY_URL"]["valueFrom"]["secretKeyRef"]["key"] == "CLOUDINARY_URL"
+    # The agent holds no provider token: the sidecar injects them.
+    assert not {"HF_TOKEN", "GITHUB_TOKEN", "CLOUDINARY_API_SECRET"} & set(env)
 
 
 def test_routes_forward_to_the_providers_the_sdks_expect(proxy_config: dict[str, Any]) -> None:
-    upstreams = {name: u["url"] for name, u in proxy_config["upstreams"].items()}
+    raw = {name: u["url"] for name, u in proxy_config["upstreams"].items()}
+    # The Admin API's Basic credentials come from the environment, never from the file.
+    assert raw["cloudinary"].startswith("https://${CLOUDINARY_API_KEY:-}:${CLOUDINARY_API_SECRET:-}@")
+    upstreams = {name: re.sub(r"//[^/]*@", "//", url) for name, url in raw.items()}
     by_prefix = {
         r["match"]["path_prefix"]: upstreams[r["upstream"]] for r in proxy_config["routes"]
     }

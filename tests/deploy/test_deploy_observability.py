@@ -25,6 +25,8 @@ from deploy_support import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+import proxy
+
 PROMETHEUS = REPO / "deploy" / "prometheus"
 DASHBOARD = REPO / "deploy" / "grafana" / "resilience-proxy.json"
 DOCS = REPO / "docs" / "deployment.md"
@@ -306,6 +308,8 @@ def test_running_proxy_exports_no_created_series_and_the_process_collectors(
     assert build.value == 1.0
     assert set(build.labels) == {"version", "revision", "python"}
     assert build.labels["revision"] and build.labels["python"].count(".") == 2
+    # The same release and revision `resilience-proxy --version` prints (proxy.version_info).
+    assert (build.labels["version"], build.labels["revision"]) == proxy.version_info()
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])

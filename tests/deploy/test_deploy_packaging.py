@@ -119,6 +119,40 @@ def test_builder_builds_a_wheel_and_the_final_stage_installs_only_wheels(
     assert "from=builder" in install
 
 
+def pip_commands(run: str) -> list[list[str]]:
+    """The `pip ...` invocations of one RUN, as argument lists."""
+    commands = []
+    for part in re.split(r"&&|;", run):
+        words = part.split()
+        if "pip" in [w.rsplit("/", 1)[-1] for w in words]:
+            start = [w.rsplit("/", 1)[-1] for w in words].index("pip")
+            commands.append(words[start + 1 :])
+    return commands
+
+
+def test_dependencies_come_from_the_lock_with_hashes(dockerfile: list[Instruction]) -> None:
+    # Builder: the locked wheels only (no sdists, no resolver), each checked against its hash;
+    # the project's own wheel without dependencies.
+    builder = [i for i in dockerfile if i.stage == 0]
+    copied = [src for i in builder if i.keyword == "COPY" for src in i.args.split()[:-1]]
+    assert "requirements.lock" in copied
+    builder_pip = [c for i in builder if i.keyword == "RUN" for c in pip_commands(i.args)]
+    [download] = [c for c in builder_pip if c[0] == "download"]
+    assert {"--require-hashes", "--only-binary=:all:"} <= set(download)
+    assert download[download.index("-r") + 1] == "requirements.lock"
+    [wheel] = [c for c in builder_pip if c[0] == "wheel"]
+    assert "--no-deps" in wheel, "dependencies must come from the lock, not the resolver"
+    # Final stage: the same lock, hashes checked again, then the project with --no-deps.
+    final = final_stage(dockerfile)
+    final_pip = [c for i in final if i.keyword == "RUN" for c in pip_commands(i.args)]
+    installs = [c for c in final_pip if c[0] == "install"]
+    assert len(installs) == 2, installs
+    locked, project = installs
+    assert {"--require-hashes", "--no-index"} <= set(locked)
+    assert locked[locked.index("-r") + 1] == "/wheels/requirements.lock"
+    assert {"--no-deps", "--no-index"} <= set(project) and project[-1] == "resilience-proxy"
+
+
 def test_runs_as_a_numeric_non_root_user(dockerfile: list[Instruction]) -> None:
     final = final_stage(dockerfile)
     user = only(final, "USER")
@@ -301,7 +335,9 @@ def test_container_configs_differ_only_in_listeners() -> None:
     assert {k: v for k, v in docker.items() if k not in listeners} == {
         k: v for k, v in k8s.items() if k not in listeners
     }
-    assert docker["listen"] == "0.0.0.0:8080" and docker["allow_remote_clients"] is True
+    # The image: loopback unless the operator opts in (compose does); the pod: loopback.
+    assert docker["listen"] == "${RESILIENCE_PROXY_LISTEN:-127.0.0.1:8080}"
+    assert docker["allow_remote_clients"] == "${RESILIENCE_PROXY_ALLOW_REMOTE_CLIENTS:-false}"
     assert k8s["listen"] == "127.0.0.1:8080" and k8s["allow_remote_clients"] is False
     for config in (docker, k8s):
         assert config["admin"]["listen"] == "0.0.0.0:9901"
@@ -317,3 +353,44 @@ def test_container_config_passes_check(config: Path) -> None:
         cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- who can reach the token-injecting listener -----------------------------------------
+
+TOKENS = {"HF_TOKEN": "hf_0123456789", "GITHUB_TOKEN": "ghp_0123456789"}
+
+
+def test_image_default_config_listens_on_loopback(dockerfile: list[Instruction]) -> None:
+    """`docker run -p 8080:8080 -e HF_TOKEN ...` must not publish a token-injecting proxy:
+    with the environment the image sets, and tokens given, the listener is loopback."""
+    from proxy.cli import exposed_credentials
+    from proxy.config import load_config
+
+    image_env = env_of(final_stage(dockerfile))
+    assert not {"RESILIENCE_PROXY_LISTEN", "RESILIENCE_PROXY_ALLOW_REMOTE_CLIENTS"} & set(image_env)
+    env = {**image_env, **TOKENS, "RESILIENCE_PROXY_STATE": "/tmp/state.json"}
+    config = load_config(str(DOCKER_CONFIG), env=env)
+    assert (config.listen_host, config.listen_port) == ("127.0.0.1", 8080)
+    assert config.allow_remote_clients is False
+    assert config.upstreams["github"].injects_credentials
+    assert exposed_credentials(config) == []
+    # Half an opt-in is refused at load, as every non-loopback listen with credentials is.
+    with pytest.raises(Exception, match="non-loopback"):
+        load_config(str(DOCKER_CONFIG), env={**env, "RESILIENCE_PROXY_LISTEN": "0.0.0.0:8080"})
+
+
+def test_compose_opts_in_to_a_remote_listener_explicitly() -> None:
+    from proxy.cli import exposed_credentials
+    from proxy.config import load_config
+
+    proxy = yaml.safe_load(COMPOSE.read_text("utf-8"))["services"]["proxy"]
+    environment = proxy["environment"]
+    assert environment["RESILIENCE_PROXY_LISTEN"] == "0.0.0.0:8080"
+    assert environment["RESILIENCE_PROXY_ALLOW_REMOTE_CLIENTS"] == "true"
+    env = {k: v for k, v in environment.items() if "${" not in v} | TOKENS
+    config = load_config(str(DOCKER_CONFIG), env=env)
+    assert (config.listen_host, config.allow_remote_clients) == ("0.0.0.0", True)
+    # ...which the proxy announces at start (tests/config/test_cli.py checks the log line).
+    assert exposed_credentials(config) == ["github", "huggingface", "huggingface-hub"]
+    for port in proxy["ports"]:
+        assert port.startswith("127.0.0.1:"), "published on the host's loopback only"
