@@ -55,6 +55,12 @@ def parse_retry_after(value: str, wall_now: float) -> float | None:
             seconds = math.nan
         if math.isfinite(seconds):
             return max(0.0, seconds)
+    return seconds_until_http_date(text, wall_now)
+
+
+def seconds_until_http_date(text: str, wall_now: float) -> float | None:
+    """Seconds from `wall_now` until an HTTP-date (RFC 9110 §5.6.7), at least 0; None when
+    it does not parse."""
     try:
         when = parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError, OverflowError):

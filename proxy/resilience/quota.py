@@ -20,12 +20,10 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC
-from email.utils import parsedate_to_datetime
 
 from multidict import MultiMapping
 
-from proxy.resilience.backoff import parse_retry_after
+from proxy.resilience.backoff import parse_retry_after, seconds_until_http_date
 
 __all__ = [
     "ADAPTERS",
@@ -171,16 +169,7 @@ def github_resource(path: str) -> str:
 def _http_date(value: str | None, wall_now: float) -> float | None:
     if value is None or not value.strip():
         return None
-    try:
-        when = parsedate_to_datetime(value.strip())
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    try:
-        return max(0.0, when.timestamp() - wall_now)
-    except (OverflowError, OSError, ValueError):
-        return None
+    return seconds_until_http_date(value.strip(), wall_now)
 
 
 def read_cloudinary(
