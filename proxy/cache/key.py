@@ -119,13 +119,20 @@ def partition_of(
     `credential_headers` narrows the credentials (quota partitions leave out the ones the
     proxy replaces with its own).
     """
-    parts: list[str] = []
-    for name in (*credential_headers, *identity_headers):
+    return partition_for(secret, headers, (*credential_headers, *identity_headers))
+
+
+def partition_for(secret: bytes, headers: MultiMapping[str], names: Sequence[str]) -> bytes | None:
+    """`partition_of` over `names` (lower-case, credentials first) computed once per route."""
+    parts: list[str] | None = None
+    for name in names:
         values = headers.getall(name, ())
         if values:
+            if parts is None:
+                parts = []
             parts.append(name)
-            parts.append("\x01".join(values))
-    if not parts:
+            parts.append(values[0] if len(values) == 1 else "\x01".join(values))
+    if parts is None:
         return None
     message = "\x00".join(parts).encode("utf-8", "surrogateescape")
     return hmac.digest(secret, message, "sha256")
@@ -160,9 +167,14 @@ _accept_encoding_memo = rules.FieldMemo(_normalise_accept_encoding)
 
 
 def parse_vary(values: Sequence[str]) -> tuple[str, ...]:
-    """Vary field names, lower-cased, deduplicated and sorted; `("*",)` when Vary is `*`."""
+    """Vary field names, lower-cased, deduplicated and sorted; `("*",)` when Vary is `*`.
+    Memoised per distinct single field value (upstreams repeat one or two)."""
     if not values:
         return ()
+    return _vary_memo.lookup(values)
+
+
+def _parse_vary(values: Sequence[str]) -> tuple[str, ...]:
     names = {name.strip().lower() for value in values for name in value.split(",")}
     names.discard("")
     if "*" in names:
@@ -170,13 +182,22 @@ def parse_vary(values: Sequence[str]) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
+_vary_memo = rules.FieldMemo(_parse_vary)
+
+
 def vary_values(names: tuple[str, ...], headers: MultiMapping[str]) -> VaryValues:
     """The request's values for the Vary names: field lines joined by ", ", each trimmed;
     None when absent (RFC 9111 §4.1: absent only matches absent)."""
     if not names:
         return ()
+    getall = headers.getall
+    if len(names) == 1:
+        values = getall(names[0], ())
+        if len(values) == 1:
+            return (values[0].strip(),)
+        return (", ".join([v.strip() for v in values]) if values else None,)
     out: list[str | None] = []
     for name in names:
-        values = headers.getall(name, ())
-        out.append(", ".join(v.strip() for v in values) if values else None)
+        values = getall(name, ())
+        out.append(", ".join([v.strip() for v in values]) if values else None)
     return tuple(out)

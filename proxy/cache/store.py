@@ -19,19 +19,21 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from multidict import MultiMapping
+from multidict import CIMultiDict, MultiMapping
 
 from proxy.cache import rules
 from proxy.cache.key import (
+    CREDENTIAL_HEADERS,
     RequestKey,
     VaryValues,
     normalise_accept_encoding,
     parse_vary,
-    partition_of,
+    partition_for,
     vary_values,
 )
 from proxy.clock import Clock
 from proxy.config.model import CacheSettings, FallbackPolicy
+from proxy.headers import HOP_BY_HOP
 
 # Fixed per-entry estimate of the Python objects around body and headers (entry, key, dict
 # and LRU slots), bytes; plus 32 bytes per header pair. An estimate, to bound memory.
@@ -44,6 +46,16 @@ KEY_MEMO_URL_MAX = 1024
 
 # Statuses whose responses never carry a body (RFC 9110 §6.4.1).
 _BODYLESS_STATUSES = frozenset((204, 304))
+_GET_HEAD = frozenset(("GET", "HEAD"))
+
+# Set by the listener on every stale answer (DESIGN §6 "Response headers added by the
+# proxy"), so a stored value of them is never sent; the listener's own `_STALE_SET`.
+STALE_ANSWER_FIELDS: frozenset[str] = frozenset(
+    ("age", "x-resilience-fallback", "x-resilience-reason", "cache-status", "x-resilience-attempts")
+)
+# Not in a stale answer's stored lines: those, framing (the listener sets Content-Length
+# from the body it sends) and hop-by-hop fields.
+_NOT_IN_ANSWER = STALE_ANSWER_FIELDS | HOP_BY_HOP | {"content-length"}
 
 EntryKey = tuple[RequestKey, VaryValues]
 
@@ -51,7 +63,12 @@ EntryKey = tuple[RequestKey, VaryValues]
 @dataclass(frozen=True, slots=True)
 class StaleHit:
     """A stored response to send as the fallback. Headers are as stored: hop-by-hop fields
-    and `Age` removed; the caller adds `Age`, `X-Resilience-*` and `Cache-Status`."""
+    and `Age` removed; the caller adds `Age`, `X-Resilience-*` and `Cache-Status`.
+
+    `lines` is the same headers as the answer's head needs them ("Name: value\\r\\n" each),
+    without framing and `STALE_ANSWER_FIELDS`, built once per stored entry; `has_date`
+    says whether a Date is among them (a stored answer keeps its own Date).
+    """
 
     status: int
     headers: tuple[tuple[str, str], ...]
@@ -59,15 +76,53 @@ class StaleHit:
     age: int  # seconds, RFC 9111 §4.2.3 current_age, truncated: the Age header's value
     staleness: float  # seconds beyond the freshness lifetime, >= 0
     ttl: int  # freshness lifetime - current age, seconds (negative when stale), RFC 9211
+    lines: str
+    has_date: bool
+
+    # Written out (a hit is built per stale answer; the generated frozen __init__ costs
+    # about twice as much): same fields; `lines` and `has_date` derived when not given.
+    def __init__(
+        self,
+        status: int,
+        headers: tuple[tuple[str, str], ...],
+        body: bytes,
+        age: int,
+        staleness: float,
+        ttl: int,
+        lines: str | None = None,
+        has_date: bool | None = None,
+    ) -> None:
+        _set = object.__setattr__
+        _set(self, "status", status)
+        _set(self, "headers", headers)
+        _set(self, "body", body)
+        _set(self, "age", age)
+        _set(self, "staleness", staleness)
+        _set(self, "ttl", ttl)
+        _set(self, "lines", answer_lines(headers) if lines is None else lines)
+        _set(self, "has_date", _has_date(headers) if has_date is None else has_date)
 
     def for_head(self) -> StaleHit:
         """This GET answer as the answer to a HEAD (RFC 9110 §9.3.2): the same headers, no
-        body, and the Content-Length the GET carries (that of the stored body)."""
+        body, and the Content-Length the GET carries (that of the stored body). `lines`
+        stay: they never hold Content-Length."""
         if self.status in _BODYLESS_STATUSES:
             return replace(self, body=b"")
         headers = [(k, v) for k, v in self.headers if k.lower() != "content-length"]
         headers.append(("Content-Length", str(len(self.body))))
         return replace(self, headers=tuple(headers), body=b"")
+
+
+def answer_lines(headers: tuple[tuple[str, str], ...]) -> str:
+    """Stored headers as a stale answer's head lines: without framing, hop-by-hop fields
+    and `STALE_ANSWER_FIELDS` (the same as the listener's `stored_head_lines`)."""
+    return "".join(
+        [f"{name}: {value}\r\n" for name, value in headers if name.lower() not in _NOT_IN_ANSWER]
+    )
+
+
+def _has_date(headers: tuple[tuple[str, str], ...]) -> bool:
+    return any(name.lower() == "date" for name, _ in headers)
 
 
 def cache_status_value(
@@ -80,35 +135,80 @@ def cache_status_value(
     bulkhead full): `hit`. E.g. `resilience-proxy; fwd=stale; fwd-status=503; ttl=-120;
     detail=stale-if-error`.
     """
-    parts = ["resilience-proxy"]
-    if forwarded:
-        parts.append("fwd=stale")
-        if fwd_status is not None:
-            parts.append(f"fwd-status={fwd_status}")
-    else:
-        parts.append("hit")
-    parts.append(f"ttl={hit.ttl}")
-    parts.append("detail=stale-if-error")
-    return "; ".join(parts)
+    if not forwarded:
+        return f"resilience-proxy; hit; ttl={hit.ttl}; detail=stale-if-error"
+    if fwd_status is None:
+        return f"resilience-proxy; fwd=stale; ttl={hit.ttl}; detail=stale-if-error"
+    return (
+        f"resilience-proxy; fwd=stale; fwd-status={fwd_status}; ttl={hit.ttl}; "
+        "detail=stale-if-error"
+    )
 
 
 @dataclass(slots=True, eq=False)
 class _Entry:
+    """One stored response. Only what deciding to store needs is worked out when it is
+    stored (on every good response); what serving needs (the filtered headers, the answer's
+    head lines, freshness lifetime and initial age) at its first lookup, in `served`."""
+
     key: RequestKey
     vary_names: tuple[str, ...]  # the response's Vary, normalised
     vary: VaryValues  # the request's values for those names
     status: int
-    headers: tuple[tuple[str, str], ...]
+    # The response's headers as received; when Cache-Control names fields that must not be
+    # stored (`no-cache="…"`, `private="…"` in the shared partition), already without them.
+    raw: tuple[tuple[str, str], ...]
     directives: rules.ResponseDirectives
-    lifetime: float  # freshness lifetime, seconds
-    initial_age: float  # corrected initial age, seconds
+    date: str | None  # the first Date field line, unparsed
+    expires: str | None  # the first Expires field line, unparsed
+    age: str | None  # the first Age field line, unparsed
+    response_time: float  # clock.wall() when the response headers arrived
+    response_delay: float  # seconds from sending the final attempt to its headers
     stored_at: float  # clock.now() when the response headers arrived
     head_size: int  # estimate of everything but the body, bytes
     body: bytes = b""
+    served: _Served | None = None  # set at the first lookup
 
     @property
     def size(self) -> int:
         return self.head_size + len(self.body)
+
+
+@dataclass(frozen=True, slots=True)
+class _Served:
+    """What serving an entry needs, derived once from what was stored."""
+
+    headers: tuple[tuple[str, str], ...]  # hop-by-hop fields and Age removed
+    lines: str  # StaleHit.lines
+    has_date: bool
+    lifetime: float  # freshness lifetime, seconds
+    initial_age: float  # corrected initial age, seconds
+
+
+def _serving(entry: _Entry) -> _Served:
+    """RFC 9111 §4.2.1 freshness lifetime and §4.2.3 initial age of a stored response, and
+    its headers as stored (hop-by-hop fields, those `Connection` names, and Age removed)."""
+    headers = rules.storable_headers(CIMultiDict(entry.raw))
+    date_value = rules.parse_http_date(entry.date) if entry.date is not None else None
+    if date_value is None:
+        date_value = entry.response_time  # RFC 9110 §6.6.1: a missing Date is the receipt time
+    return _Served(
+        headers=headers,
+        lines=answer_lines(headers),
+        has_date=_has_date(headers),
+        lifetime=rules.freshness_lifetime(
+            entry.directives,
+            shared=entry.key.shared,
+            date_value=date_value,
+            expires=entry.expires,
+        ),
+        initial_age=rules.initial_age(
+            age_value=rules.parse_age((entry.age,) if entry.age is not None else ()),
+            date_value=date_value,
+            response_time=entry.response_time,
+            response_delay=entry.response_delay,
+        ),
+    )
 
 
 @dataclass(slots=True)
@@ -266,6 +366,18 @@ class FallbackStore:
 
     # -- keys ------------------------------------------------------------------------------
 
+    def keys_for(
+        self,
+        *,
+        route: str,
+        url_base: str,
+        policy: FallbackPolicy,
+        upstream_injects_credentials: bool,
+    ) -> RouteKeys:
+        """The request keys of one route, with what is constant per route worked out once
+        (the fallback stage builds one per compiled route)."""
+        return RouteKeys(self, route, url_base, policy, upstream_injects_credentials)
+
     def request_key(
         self,
         *,
@@ -279,24 +391,10 @@ class FallbackStore:
     ) -> RequestKey:
         """The base key of a client request; `headers` as the client sent them, before the
         proxy injects anything. `body_hash` (`key.body_digest`) is required for methods
-        other than GET and HEAD: without it such a request is never stored or served."""
-        partition = partition_of(self._secret, headers, policy.identity_headers)
-        accept_encoding = normalise_accept_encoding(headers.getall("accept-encoding", ()))
-        if partition is not None:
-            return RequestKey(route, method, url, partition, False, accept_encoding, body_hash)
-        # The anonymous partition: keys are interned (RequestKey is immutable, so sharing one
-        # is the same as building an equal one). Bounded like the parse memos: at most
-        # KEY_MEMO_MAX keys with URLs up to KEY_MEMO_URL_MAX characters; emptied when full.
-        shared = not upstream_injects_credentials
-        parts = (route, method, url, shared, accept_encoding, body_hash)
-        key = self._keys.get(parts)
-        if key is None:
-            key = RequestKey(route, method, url, None, shared, accept_encoding, body_hash)
-            if len(url) <= KEY_MEMO_URL_MAX:
-                if len(self._keys) >= KEY_MEMO_MAX:
-                    self._keys.clear()
-                self._keys[parts] = key
-        return key
+        other than GET and HEAD: without it such a request is never stored or served.
+        The same key as `keys_for(...).key(...)` with `url` = url_base + path and query."""
+        keys = RouteKeys(self, route, "", policy, upstream_injects_credentials)
+        return keys.key(method, url, headers, body_hash)
 
     # -- storing ---------------------------------------------------------------------------
 
@@ -315,20 +413,22 @@ class FallbackStore:
 
         `headers` are the upstream's response headers as received; `request_headers` the
         client's; `requested_at` the clock.now() when the final attempt was sent (for the
-        RFC 9111 §4.2.3 response delay; None counts it as 0).
+        RFC 9111 §4.2.3 response delay; None counts it as 0). Only what decides storing is
+        worked out here; what serving needs waits for the entry's first lookup.
         """
-        if key.method not in policy.methods:
+        method = key.method
+        if method not in policy.methods:
             return None
-        if key.body_hash is None and key.method not in ("GET", "HEAD"):
+        if key.body_hash is None and method not in _GET_HEAD:
             return None
+        getall = headers.getall
         cc = rules.response_directives(headers)
-        vary = parse_vary(headers.getall("vary", ()))
-        request = rules.request_directives(request_headers)
+        vary = parse_vary(getall("vary", ()))
         refusal = rules.refuse_to_store(
-            method=key.method,
+            method=method,
             status=status,
             cc=cc,
-            request=request,
+            request=rules.request_directives(request_headers),
             response_headers=headers,
             vary=vary,
             policy=policy,
@@ -336,82 +436,86 @@ class FallbackStore:
         )
         if refusal is not None:
             return None
-        limit = min(self._settings.max_entry_bytes, self._settings.max_bytes)
-        expected = _expected_length(key.method, status, headers)
+        settings = self._settings
+        limit = settings.max_entry_bytes
+        if settings.max_bytes < limit:
+            limit = settings.max_bytes
+        expected = _expected_length(method, status, getall("content-length", ()))
         if expected is not None and expected > limit:
             return None
 
         now = self._clock.now()
-        response_time = self._clock.wall()
-        date_value = _first_date(headers.getall("date", ()))
-        if date_value is None:
-            date_value = response_time  # RFC 9110 §6.6.1: a missing Date is the receipt time
-        expires = headers.getall("expires", ())
         drop = cc.no_cache_fields
         if key.shared and cc.private_fields:
             drop = drop | cc.private_fields
-        stored_headers = rules.storable_headers(headers, drop=drop)
+        if drop:  # never kept, not even until the first lookup (RFC 9111 §5.2.2.4, .7)
+            raw = rules.storable_headers(headers, drop=drop)
+        else:
+            raw = tuple(headers.items())
+        size = ENTRY_OVERHEAD + len(key.url) + HEADER_OVERHEAD * len(raw)
+        for name, value in raw:
+            size += len(name) + len(value)
+        get = headers.get
         entry = _Entry(
-            key=key,
-            vary_names=vary,
-            vary=vary_values(vary, request_headers),
-            status=status,
-            headers=stored_headers,
-            directives=cc,
-            lifetime=rules.freshness_lifetime(
-                cc,
-                shared=key.shared,
-                date_value=date_value,
-                expires=expires[0] if expires else None,
-            ),
-            initial_age=rules.initial_age(
-                age_value=rules.parse_age(headers.getall("age", ())),
-                date_value=date_value,
-                response_time=response_time,
-                response_delay=0.0 if requested_at is None else now - requested_at,
-            ),
-            stored_at=now,
-            head_size=_head_size(key, stored_headers),
+            key,
+            vary,
+            vary_values(vary, request_headers) if vary else (),
+            status,
+            raw,
+            cc,
+            get("date"),
+            get("expires"),
+            get("age"),
+            self._clock.wall(),
+            0.0 if requested_at is None else now - requested_at,
+            now,
+            size,
         )
         return EntryWriter(self, entry, limit, expected)
 
     def _commit(self, entry: _Entry) -> bool:
-        size = entry.size
-        if size > self._settings.max_bytes or len(entry.body) > self._settings.max_entry_bytes:
+        size = entry.head_size + len(entry.body)
+        settings = self._settings
+        if size > settings.max_bytes or len(entry.body) > settings.max_entry_bytes:
             return False
+        key = entry.key
         values = entry.vary
-        variants = self._variants.get(entry.key)
+        variants = self._variants.get(key)
         if variants is not None:
             if variants.names == entry.vary_names and (
                 (previous := variants.entries.get(values)) is not None
             ):
-                # The same variant again (the common case: a hot URL): replace it in place,
-                # now the most recently used; the same result as remove + add, fewer steps.
+                # The same variant again (the common case: a hot URL): replaced in place, in
+                # the same LRU slot moved to the end (the most recently used); the byte
+                # counts change only by the size difference.
                 variants.entries[values] = entry
-                lru_key = (entry.key, values)
-                del self._lru[lru_key]
-                self._lru[lru_key] = entry
-                delta = size - previous.size
-                self._size += delta
-                self._per_route[entry.key.route][1] += delta
-                self._evict_to(self._settings.max_bytes)
+                lru_key = (key, values)
+                lru = self._lru
+                lru[lru_key] = entry
+                lru.move_to_end(lru_key)
+                delta = size - previous.head_size - len(previous.body)
+                if delta:
+                    self._size += delta
+                    self._per_route[key.route][1] += delta
+                    if delta > 0:
+                        self._evict_to(settings.max_bytes)
                 return True
             if variants.names != entry.vary_names:
                 # The newest response's Vary wins (RFC 9111 §4.1): drop the older variants.
                 for old in list(variants.entries.values()):
                     self._remove(old)
-            variants = self._variants.get(entry.key)
+            variants = self._variants.get(key)
         if variants is None:
-            variants = self._variants[entry.key] = _Variants(entry.vary_names)
+            variants = self._variants[key] = _Variants(entry.vary_names)
         variants.entries[values] = entry
-        self._lru[(entry.key, values)] = entry
+        self._lru[(key, values)] = entry
         self._size += size
-        counts = self._per_route.get(entry.key.route)
+        counts = self._per_route.get(key.route)
         if counts is None:
-            counts = self._per_route[entry.key.route] = [0, 0]
+            counts = self._per_route[key.route] = [0, 0]
         counts[0] += 1
         counts[1] += size
-        self._evict_to(self._settings.max_bytes)
+        self._evict_to(settings.max_bytes)
         return True
 
     # -- serving ---------------------------------------------------------------------------
@@ -428,12 +532,17 @@ class FallbackStore:
         variants = self._variants.get(key)
         if variants is None:
             return None
-        values = vary_values(variants.names, request_headers)
+        names = variants.names
+        values = vary_values(names, request_headers) if names else ()
         entry = variants.entries.get(values)
         if entry is None:
             return None
-        current_age = entry.initial_age + max(0.0, self._clock.now() - entry.stored_at)
-        stale_for = rules.staleness(current_age, entry.lifetime)
+        served = entry.served
+        if served is None:
+            served = entry.served = _serving(entry)
+        resident = self._clock.now() - entry.stored_at
+        current_age = served.initial_age + resident if resident > 0.0 else served.initial_age
+        stale_for = rules.staleness(current_age, served.lifetime)
         refusal = rules.refuse_to_serve(
             stale_for=stale_for,
             cc=entry.directives,
@@ -441,19 +550,20 @@ class FallbackStore:
             policy=policy,
             shared=key.shared,
         )
-        if refusal is rules.Refusal.TOO_STALE:
-            self._remove(entry)
-            return None
         if refusal is not None:
+            if refusal is rules.Refusal.TOO_STALE:
+                self._remove(entry)
             return None
         self._lru.move_to_end((key, values))
         return StaleHit(
-            status=entry.status,
-            headers=entry.headers,
-            body=entry.body,
-            age=int(current_age),
-            staleness=stale_for,
-            ttl=math.floor(entry.lifetime - current_age),
+            entry.status,
+            served.headers,
+            entry.body,
+            int(current_age),
+            stale_for,
+            math.floor(served.lifetime - current_age),
+            served.lines,
+            served.has_date,
         )
 
     # -- internals -------------------------------------------------------------------------
@@ -480,23 +590,64 @@ class FallbackStore:
             self._evictions += 1
 
 
-def _first_date(values: Sequence[str]) -> float | None:
-    return rules.parse_http_date(values[0]) if values else None
-
-
-def _expected_length(method: str, status: int, headers: MultiMapping[str]) -> int | None:
-    """The body length the response announces, when it has one to check against."""
+def _expected_length(method: str, status: int, values: Sequence[str]) -> int | None:
+    """The body length the response announces (its Content-Length field lines), when it
+    has one to check against."""
     if method == "HEAD" or status in _BODYLESS_STATUSES:
         return 0
-    values = headers.getall("content-length", ())
     if len(values) != 1:
         return None
     value = values[0].strip()
     return int(value) if value.isascii() and value.isdigit() else None
 
 
-def _head_size(key: RequestKey, headers: tuple[tuple[str, str], ...]) -> int:
-    size = ENTRY_OVERHEAD + len(key.url) + HEADER_OVERHEAD * len(headers)
-    for name, value in headers:
-        size += len(name) + len(value)
-    return size
+class RouteKeys:
+    """The request keys of one route (`FallbackStore.keys_for`): the URL base, the header
+    names that partition (credentials, then `identity_headers`) and the shared-cache flag
+    are fixed per route; a key costs a partition check, the Accept-Encoding memo and, in
+    the anonymous partition, one lookup among the interned keys."""
+
+    __slots__ = ("_keys", "_names", "_route", "_secret", "_shared", "_url_base")
+
+    def __init__(
+        self,
+        store: FallbackStore,
+        route: str,
+        url_base: str,
+        policy: FallbackPolicy,
+        upstream_injects_credentials: bool,
+    ) -> None:
+        self._keys = store._keys
+        self._secret = store._secret
+        self._route = route
+        self._url_base = url_base
+        self._names = (*CREDENTIAL_HEADERS, *policy.identity_headers)
+        # The anonymous partition is a shared cache unless the upstream injects credentials.
+        self._shared = not upstream_injects_credentials
+
+    def key(
+        self, method: str, path_qs: str, headers: MultiMapping[str], body_hash: str | None
+    ) -> RequestKey:
+        """The base key of a client request to url_base + `path_qs`; `headers` as the client
+        sent them, before the proxy injects anything."""
+        url = self._url_base + path_qs
+        partition = partition_for(self._secret, headers, self._names)
+        accept_encoding = normalise_accept_encoding(headers.getall("accept-encoding", ()))
+        if partition is not None:
+            return RequestKey(
+                self._route, method, url, partition, False, accept_encoding, body_hash
+            )
+        # The anonymous partition: keys are interned (RequestKey is immutable, so sharing one
+        # is the same as building an equal one). Bounded like the parse memos: at most
+        # KEY_MEMO_MAX keys with URLs up to KEY_MEMO_URL_MAX characters; emptied when full.
+        shared = self._shared
+        parts = (self._route, method, url, shared, accept_encoding, body_hash)
+        keys = self._keys
+        key = keys.get(parts)
+        if key is None:
+            key = RequestKey(self._route, method, url, None, shared, accept_encoding, body_hash)
+            if len(url) <= KEY_MEMO_URL_MAX:
+                if len(keys) >= KEY_MEMO_MAX:
+                    keys.clear()
+                keys[parts] = key
+        return key

@@ -175,13 +175,16 @@ def client_head_lines(
 def stored_head_lines(headers: Iterable[tuple[str, str]], replaced: frozenset[str]) -> str:
     """Header lines of a stored or static answer, without framing and the `replaced` names
     (lower-case) that the caller sets itself."""
-    return "".join(
-        f"{name}: {value}\r\n"
-        for name, value in headers
-        if (lname := name.lower()) not in replaced
-        and lname not in _FRAMING
-        and lname not in HOP_BY_HOP
-    )
+    skip = _skip_sets.get(replaced)
+    if skip is None:
+        if len(_skip_sets) >= 16:  # callers pass a few constant sets; bounded all the same
+            _skip_sets.clear()
+        skip = _skip_sets[replaced] = replaced | _FRAMING | HOP_BY_HOP
+    return "".join([f"{name}: {value}\r\n" for name, value in headers if name.lower() not in skip])
+
+
+# `replaced | _FRAMING | HOP_BY_HOP` per `replaced` set seen.
+_skip_sets: dict[frozenset[str], frozenset[str]] = {}
 
 
 def rewrite_location(location: str, route: Route) -> str:

@@ -404,14 +404,15 @@ def _local(
     if result.stale is not None:
         hit = result.stale
         # A stored answer keeps its own Date (its Age counts from it).
-        tail = ident if any(n.lower() == "date" for n, _ in hit.headers) else ident + date()
+        tail = ident if hit.has_date else ident + date()
         status_value = cache_status_value(
             hit,
             forwarded=failure not in _NOT_FORWARDED,
             fwd_status=result.attempt.status if result.attempt is not None else None,
         )
+        # hit.lines: the stored headers without framing and _STALE_SET, joined once per entry.
         lines = (
-            f"{stored_head_lines(hit.headers, _STALE_SET)}Age: {hit.age}\r\n"
+            f"{hit.lines}Age: {hit.age}\r\n"
             f"X-Resilience-Fallback: stale\r\nX-Resilience-Reason: {reason}\r\n"
             f"Cache-Status: {status_value}\r\nX-Resilience-Attempts: {attempts}\r\n{tail}"
         )

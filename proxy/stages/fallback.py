@@ -8,52 +8,48 @@ from __future__ import annotations
 
 import hashlib
 
-from proxy.cache import FallbackStore, RequestKey, StaleHit
+from proxy.cache import FallbackStore, StaleHit
 from proxy.config.model import FallbackPolicy, Route
 from proxy.stages.call import Call, Result, Stage
 
 
 class FallbackStage(Stage):
-    __slots__ = ("injects_credentials", "policy", "route", "store", "url_base")
+    __slots__ = ("keys", "methods", "policy", "statuses", "store")
 
     def __init__(self, next_stage: Stage, route: Route, store: FallbackStore) -> None:
         super().__init__(next_stage)
         assert route.fallback is not None
         self.policy: FallbackPolicy = route.fallback
-        self.route = route
         self.store = store
-        self.url_base = route.upstream.url[
-            : len(route.upstream.url) - len(route.upstream.base_path)
-        ]
-        # Any target that adds credentials makes the store that principal's private cache.
-        self.injects_credentials = any(t.injects_credentials for t in route.targets)
-
-    def _key(self, call: Call, method: str, body_hash: str | None) -> RequestKey:
-        return self.store.request_key(
-            route=self.route.name,
-            method=method,
-            url=self.url_base + call.path_qs,
-            headers=call.request_headers,
+        # Per route, once: the key parts (URL base, partitioning headers, shared or private
+        # cache: any target that adds credentials makes the store that principal's private
+        # cache) and the policy's sets, read on every request.
+        upstream = route.upstream
+        self.keys = store.keys_for(
+            route=route.name,
+            url_base=upstream.url[: len(upstream.url) - len(upstream.base_path)],
             policy=self.policy,
-            body_hash=body_hash,
-            upstream_injects_credentials=self.injects_credentials,
+            upstream_injects_credentials=any(t.injects_credentials for t in route.targets),
         )
+        self.methods = self.policy.methods
+        self.statuses = self.policy.statuses.statuses
 
     async def __call__(self, call: Call) -> Result:
-        policy = self.policy
         assert self.next is not None
-        if call.method not in policy.methods:
+        method = call.method
+        if method not in self.methods:
             return await self.next(call)
         body_hash = None
-        if call.method not in ("GET", "HEAD"):
+        if method != "GET" and method != "HEAD":
             if call.body.buffered is None:
                 return await self.next(call)  # a streamed body cannot be keyed
             body_hash = hashlib.sha256(call.body.buffered).hexdigest()
-        key = self._key(call, call.method, body_hash)
+        key = self.keys.key(method, call.path_qs, call.request_headers, body_hash)
         result = await self.next(call)
+        policy = self.policy
         response = result.response
         if response is not None:
-            if response.status not in policy.statuses:
+            if response.status not in self.statuses:
                 result.writer = self.store.begin(
                     key,
                     status=response.status,
@@ -65,7 +61,7 @@ class FallbackStage(Stage):
         elif result.failure not in policy.conditions:
             return result
         hit = self.store.lookup(key, call.request_headers, policy)
-        if hit is None and call.method == "HEAD":
+        if hit is None and method == "HEAD":
             hit = self._get_answer_for_head(call)
         if hit is None and policy.static is None:
             return result  # the proxy's own error, or the upstream's failing answer
@@ -83,6 +79,6 @@ class FallbackStage(Stage):
         stored GET answer of the same key (same partition, Vary and URL), without its body."""
         if "GET" not in self.policy.methods:
             return None
-        key = self._key(call, "GET", None)
+        key = self.keys.key("GET", call.path_qs, call.request_headers, None)
         hit = self.store.lookup(key, call.request_headers, self.policy)
         return hit.for_head() if hit is not None else None
