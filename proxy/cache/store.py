@@ -60,7 +60,7 @@ _NOT_IN_ANSWER = STALE_ANSWER_FIELDS | HOP_BY_HOP | {"content-length"}
 EntryKey = tuple[RequestKey, VaryValues]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StaleHit:
     """A stored response to send as the fallback. Headers are as stored: hop-by-hop fields
     and `Age` removed; the caller adds `Age`, `X-Resilience-*` and `Cache-Status`.
@@ -79,8 +79,8 @@ class StaleHit:
     lines: str
     has_date: bool
 
-    # Written out (a hit is built per stale answer; the generated frozen __init__ costs
-    # about twice as much): same fields; `lines` and `has_date` derived when not given.
+    # Not frozen, and written out: a hit is built per stale answer, and a frozen __init__
+    # (object.__setattr__ per field) costs three times as much. Nothing assigns to a hit.
     def __init__(
         self,
         status: int,
@@ -92,15 +92,14 @@ class StaleHit:
         lines: str | None = None,
         has_date: bool | None = None,
     ) -> None:
-        _set = object.__setattr__
-        _set(self, "status", status)
-        _set(self, "headers", headers)
-        _set(self, "body", body)
-        _set(self, "age", age)
-        _set(self, "staleness", staleness)
-        _set(self, "ttl", ttl)
-        _set(self, "lines", answer_lines(headers) if lines is None else lines)
-        _set(self, "has_date", _has_date(headers) if has_date is None else has_date)
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.age = age
+        self.staleness = staleness
+        self.ttl = ttl
+        self.lines = answer_lines(headers) if lines is None else lines
+        self.has_date = _has_date(headers) if has_date is None else has_date
 
     def for_head(self) -> StaleHit:
         """This GET answer as the answer to a HEAD (RFC 9110 §9.3.2): the same headers, no
