@@ -4,10 +4,13 @@ uncached computation gives, stay bounded, and never mix up distinct inputs."""
 
 from __future__ import annotations
 
+import email.utils
+
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.cache import FallbackStore, key, rules
+from proxy.cache import FallbackStore, StaleHit, key, rules
+from proxy.cache import store as store_module
 from proxy.cache.key import RequestKey
 from proxy.cache.store import KEY_MEMO_MAX, KEY_MEMO_URL_MAX
 from proxy.clock import FakeClock
@@ -26,6 +29,7 @@ def empty_memos() -> None:
     rules._request_memo.clear()
     rules._excluded_memo.clear()
     key._accept_encoding_memo.clear()
+    key._vary_memo.clear()
 
 
 CC_VALUES = (
@@ -222,3 +226,151 @@ def test_restoring_the_same_variant_makes_it_the_most_recently_used() -> None:
     assert store.lookup(_key(store, "http://u/b"), hdrs(), POLICY) is None
     assert store.lookup(_key(store, "http://u/a"), hdrs(), POLICY) is not None
     assert store.evictions == 1
+
+
+# -- per-route keys ------------------------------------------------------------------------
+
+
+def test_route_keys_equal_request_key_and_share_its_interning() -> None:
+    store = _store()
+    keys = store.keys_for(
+        route="r", url_base="http://u", policy=POLICY, upstream_injects_credentials=False
+    )
+    for headers in ((), (("Accept-Encoding", "gzip"),), (("Authorization", "Bearer a"),)):
+        assert keys.key("GET", "/x", hdrs(*headers), None) == _key(store, "http://u/x", *headers)
+    assert keys.key("GET", "/x", hdrs(), None) is _key(store)  # one interned anonymous key
+    assert keys.key("HEAD", "/x", hdrs(), None) != _key(store)
+    assert keys.key("POST", "/x", hdrs(), "h1") != keys.key("POST", "/x", hdrs(), "h2")
+
+
+def test_route_keys_partition_by_credentials_and_identity_headers() -> None:
+    store = _store()
+    policy = FallbackPolicy(identity_headers=("x-user",))
+    keys = store.keys_for(
+        route="r", url_base="http://u", policy=policy, upstream_injects_credentials=False
+    )
+    alice = keys.key("GET", "/x", hdrs(("X-User", "alice")), None)
+    bob = keys.key("GET", "/x", hdrs(("X-User", "bob")), None)
+    anonymous = keys.key("GET", "/x", hdrs(), None)
+    assert len({alice, bob, anonymous}) == 3
+    assert alice.partition == key.partition_of(
+        store._secret, hdrs(("X-User", "alice")), ("x-user",)
+    )
+    assert not alice.shared and anonymous.shared
+    two_lines = hdrs(("Cookie", "a=1"), ("Cookie", "b=2"))
+    assert keys.key("GET", "/x", two_lines, None).partition == key.partition_of(
+        store._secret, two_lines, ("x-user",)
+    )
+    injecting = store.keys_for(
+        route="r", url_base="http://u", policy=policy, upstream_injects_credentials=True
+    )
+    private = injecting.key("GET", "/x", hdrs(), None)
+    assert private.partition is None and not private.shared and private != anonymous
+
+
+def test_vary_memo_equals_a_fresh_parse_and_is_bounded() -> None:
+    for value in ("Accept-Encoding", "accept, X-Tenant, Accept", "*", "Accept, *", ""):
+        first = key.parse_vary([value])
+        assert first == key._parse_vary([value])
+        assert key.parse_vary([value]) is first
+    assert key.parse_vary(["Accept", "X-Tenant"]) == ("accept", "x-tenant")
+    for i in range(rules.MEMO_MAX + 10):
+        assert key.parse_vary([f"X-{i}"]) == (f"x-{i}",)
+    assert 0 < len(key._vary_memo) <= rules.MEMO_MAX
+
+
+# -- what waits for the first lookup -------------------------------------------------------
+
+
+def _put(store: FallbackStore, response: tuple[tuple[str, str], ...], body: bytes) -> None:
+    writer = store.begin(
+        _key(store), status=200, headers=hdrs(*response), request_headers=hdrs(), policy=POLICY
+    )
+    assert writer is not None
+    writer.feed(body)
+    assert writer.finish()
+
+
+def _entry(store: FallbackStore):  # type: ignore[no-untyped-def]
+    (entry,) = store._lru.values()
+    return entry
+
+
+def test_serving_parts_are_derived_once_at_the_first_lookup() -> None:
+    clock = FakeClock()
+    store = FallbackStore(CacheSettings(), clock, secret=b"test-secret")
+    date = email.utils.formatdate(clock.wall() - 30, usegmt=True)
+    _put(store, (("Cache-Control", "max-age=60"), ("Date", date), ("Age", "5")), b"x")
+    assert _entry(store).served is None  # nothing derived when stored
+    clock.advance(10)
+    hit = store.lookup(_key(store), hdrs(), POLICY)
+    served = _entry(store).served
+    assert served is not None and served.lifetime == 60.0
+    assert hit is not None and hit.age == 30 + 10  # apparent age beats Age: 5
+    assert hit.ttl == 60 - 40 and hit.headers == (("Cache-Control", "max-age=60"), ("Date", date))
+    clock.advance(5)
+    again = store.lookup(_key(store), hdrs(), POLICY)
+    assert _entry(store).served is served  # reused, not derived again
+    assert again is not None and again.age == 45
+
+
+def test_the_same_date_is_parsed_once() -> None:
+    date = "Tue, 15 Nov 1994 08:12:31 GMT"
+    rules.parse_http_date.cache_clear()
+    assert rules.parse_http_date(date) == rules.parse_http_date(date) == 784887151.0
+    info = rules.parse_http_date.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+
+
+def test_same_size_restore_replaces_in_place_and_serves_the_new_headers() -> None:
+    store = _store()
+    _put(store, (("Cache-Control", "max-age=60"), ("X-V", "1")), b"aaaa")
+    first = store.lookup(_key(store), hdrs(), POLICY)
+    size, slots = store.bytes, len(store._lru)
+    _put(store, (("Cache-Control", "max-age=60"), ("X-V", "2")), b"bbbb")
+    assert store.bytes == size and len(store._lru) == slots == store.entries == 1
+    assert store.stats()["per_route"] == {"r": {"entries": 1, "bytes": size}}
+    assert _entry(store).served is None  # the replaced entry's derived parts are gone
+    hit = store.lookup(_key(store), hdrs(), POLICY)
+    assert first is not None and ("X-V", "1") in first.headers and first.body == b"aaaa"
+    assert hit is not None and ("X-V", "2") in hit.headers and hit.body == b"bbbb"
+    assert "X-V: 2\r\n" in hit.lines and "X-V: 1" not in hit.lines
+
+
+def test_fields_cache_control_names_are_never_held_even_before_a_lookup() -> None:
+    store = _store()
+    cc = 'max-age=60, no-cache="X-Token", private="X-User"'
+    _put(store, (("Cache-Control", cc), ("X-Token", "t"), ("X-User", "u"), ("X-Ok", "1")), b"x")
+    held = [name for name, _ in _entry(store).raw]
+    assert held == ["Cache-Control", "X-Ok"]  # private= too: this key is in the shared cache
+
+
+def test_stale_answer_lines_are_the_listeners_stored_head_lines() -> None:
+    from proxy.server import handler
+    from proxy.server.forwarding import stored_head_lines
+
+    assert handler._STALE_SET == store_module.STALE_ANSWER_FIELDS
+    store = _store()
+    date = email.utils.formatdate(FakeClock().wall(), usegmt=True)
+    response = (
+        ("Cache-Control", "max-age=60"),
+        ("Content-Type", "a/b"),
+        ("Content-Length", "1"),
+        ("X-Resilience-Reason", "forged"),
+        ("Cache-Status", "forged"),
+        ("Connection", "keep-alive"),
+        ("Date", date),
+    )
+    _put(store, response, b"x")
+    hit = store.lookup(_key(store), hdrs(), POLICY)
+    assert hit is not None
+    assert hit.lines == stored_head_lines(hit.headers, handler._STALE_SET)
+    assert hit.lines == (
+        f"Cache-Control: max-age=60\r\nContent-Type: a/b\r\nDate: {date}\r\n"
+    )
+    assert hit.has_date
+    head = hit.for_head()
+    assert head.lines == hit.lines and head.has_date and head.body == b""
+    built = StaleHit(status=200, headers=hit.headers, body=b"", age=0, staleness=0.0, ttl=0)
+    assert built.lines == hit.lines and built.has_date
+    assert not StaleHit(status=200, headers=(), body=b"", age=0, staleness=0.0, ttl=0).has_date
