@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from multidict import CIMultiDict, MultiMapping
@@ -156,7 +156,7 @@ class _Entry:
     status: int
     # The response's headers as received; when Cache-Control names fields that must not be
     # stored (`no-cache="…"`, `private="…"` in the shared partition), already without them.
-    raw: tuple[tuple[str, str], ...]
+    raw: CIMultiDict[str]
     directives: rules.ResponseDirectives
     date: str | None  # the first Date field line, unparsed
     expires: str | None  # the first Expires field line, unparsed
@@ -187,7 +187,7 @@ class _Served:
 def _serving(entry: _Entry) -> _Served:
     """RFC 9111 §4.2.1 freshness lifetime and §4.2.3 initial age of a stored response, and
     its headers as stored (hop-by-hop fields, those `Connection` names, and Age removed)."""
-    headers = rules.storable_headers(CIMultiDict(entry.raw))
+    headers = rules.storable_headers(entry.raw)
     date_value = rules.parse_http_date(entry.date) if entry.date is not None else None
     if date_value is None:
         date_value = entry.response_time  # RFC 9110 §6.6.1: a missing Date is the receipt time
@@ -447,12 +447,17 @@ class FallbackStore:
         drop = cc.no_cache_fields
         if key.shared and cc.private_fields:
             drop = drop | cc.private_fields
-        if drop:  # never kept, not even until the first lookup (RFC 9111 §5.2.2.4, .7)
-            raw = rules.storable_headers(headers, drop=drop)
+        # An own copy (one C-level object; the strings are shared): filtering waits for the
+        # first lookup. Fields named by Cache-Control are never kept, not even until then
+        # (RFC 9111 §5.2.2.4, §5.2.2.7).
+        if drop:
+            pairs: Iterable[tuple[str, str]] = rules.storable_headers(headers, drop=drop)
+            raw = CIMultiDict(pairs)
         else:
-            raw = tuple(headers.items())
+            pairs = headers.items()
+            raw = CIMultiDict(headers)  # from a multidict: a C-level copy of its items
         size = ENTRY_OVERHEAD + len(key.url) + HEADER_OVERHEAD * len(raw)
-        for name, value in raw:
+        for name, value in pairs:  # not `raw`: a fresh copy is slower to iterate
             size += len(name) + len(value)
         get = headers.get
         entry = _Entry(
