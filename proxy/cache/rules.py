@@ -4,8 +4,9 @@ Pure functions over header values; times are float seconds (wall-clock epoch for
 durations otherwise). Nothing here reads a clock; the only state is memoisation of pure
 parses (Cache-Control values, HTTP dates, the excluded-header sets), bounded, so the same
 header value is parsed once, not per request. The store calls these once when a response's
-headers arrive (may it be stored? its freshness lifetime and initial age) and once per
-lookup (what the request allows, may the entry be served as stale-if-error).
+headers arrive (may it be stored?), at an entry's first lookup (its stored headers, freshness
+lifetime and initial age) and once per lookup (what the request allows, may the entry be
+served as stale-if-error).
 
 Deliberate choices, all on the side of serving less:
 - only heuristically cacheable statuses are stored (DESIGN §6), even with explicit freshness;

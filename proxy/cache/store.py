@@ -1,14 +1,20 @@
 """The fallback store: last good responses, kept to answer when the upstream fails.
 
-One process-wide store, LRU by bytes within `cache.max_bytes`. The fallback stage calls
-`request_key` when a request arrives, `begin` when the final response's headers arrive (then
-`feed` each body chunk as it streams to the client and `finish` or `abort`), and `lookup`
-when the final outcome matches `fallback.on`. The rules themselves live in
-`proxy.cache.rules`; keys in `proxy.cache.key`.
+One process-wide store, LRU by bytes within `cache.max_bytes`. The fallback stage builds
+one `RouteKeys` per route (`keys_for`) and asks it for a key when a request arrives, calls
+`begin` when the final response's headers arrive (then `feed` each body chunk as it streams
+to the client and `finish` or `abort`), and `lookup` when the final outcome matches
+`fallback.on`. The rules themselves live in `proxy.cache.rules`; keys in `proxy.cache.key`.
 
 Layout: `_variants` maps a base `RequestKey` to the Vary names of its newest stored response
 and the entries per Vary values; `_lru` orders every entry by last use. Every operation is a
 few dict operations; the body is joined once, at `finish`.
+
+Cost: every good response on a fallback route is stored, and few are ever served, so
+storing does only what deciding to store needs (memoised Cache-Control and Vary parses, one
+C-level copy of the headers, shared when a hot URL comes back with the very same ones);
+what serving needs (filtered headers, the answer's head lines, parsed dates, freshness
+lifetime and initial age) is derived at an entry's first lookup and kept with it.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from proxy.headers import HOP_BY_HOP
 ENTRY_OVERHEAD = 256
 HEADER_OVERHEAD = 32
 
-# Bounds of the anonymous request-key memo (`FallbackStore.request_key`): keys, URL length.
+# Bounds of the anonymous request-key memo (`RouteKeys.key`): keys, URL length.
 KEY_MEMO_MAX = 1024
 KEY_MEMO_URL_MAX = 1024
 
@@ -224,7 +230,7 @@ class EntryWriter:
     (nothing is stored). Past `max_entry_bytes` it drops what it holds and stops copying.
     """
 
-    __slots__ = ("_chunks", "_done", "_entry", "_expected", "_limit", "_size", "_store")
+    __slots__ = ("_chunks", "_done", "_entry", "_expected", "_first", "_limit", "_size", "_store")
 
     def __init__(
         self, store: FallbackStore, entry: _Entry, limit: int, expected: int | None
@@ -233,7 +239,10 @@ class EntryWriter:
         self._entry = entry
         self._limit = limit
         self._expected = expected
-        self._chunks: list[bytes] = []
+        # The body so far: `_first` alone while there is one chunk (most bodies that fit an
+        # entry arrive in one), then `_chunks` holds them all.
+        self._first: bytes | None = None
+        self._chunks: list[bytes] | None = None
         self._size = 0
         self._done = False
 
@@ -249,31 +258,38 @@ class EntryWriter:
         """Copy one body chunk (a reference for `bytes`, a copy for mutable buffers)."""
         if self._done:
             return
-        if self._size > self._limit:
-            self._size += len(chunk)
+        size = self._size = self._size + len(chunk)
+        if size > self._limit:
+            self._first = self._chunks = None  # past the limit: drop it all, copy no more
             return
-        self._size += len(chunk)
-        if self._size > self._limit:
-            self._chunks.clear()
-            return
-        self._chunks.append(chunk if isinstance(chunk, bytes) else bytes(chunk))
+        data = chunk if chunk.__class__ is bytes else bytes(chunk)
+        if self._first is None:
+            self._first = data
+        elif self._chunks is None:
+            self._chunks = [self._first, data]
+        else:
+            self._chunks.append(data)
 
     def finish(self) -> bool:
         """Commit the entry; True when it was stored."""
         if self._done:
             return False
         self._done = True
-        chunks, self._chunks = self._chunks, []
+        first, chunks = self._first, self._chunks
+        self._first = self._chunks = None
         if self._size > self._limit:
             return False
         if self._expected is not None and self._size != self._expected:
             return False  # truncated (or overlong) against its Content-Length: incomplete
-        self._entry.body = b"".join(chunks)
+        if chunks is not None:
+            self._entry.body = b"".join(chunks)
+        elif first is not None:
+            self._entry.body = first
         return self._store._commit(self._entry)
 
     def abort(self) -> None:
         self._done = True
-        self._chunks = []
+        self._first = self._chunks = None
 
 
 class FallbackStore:
@@ -444,26 +460,38 @@ class FallbackStore:
             return None
 
         now = self._clock.now()
+        values = vary_values(vary, request_headers) if vary else ()
         drop = cc.no_cache_fields
         if key.shared and cc.private_fields:
             drop = drop | cc.private_fields
-        # An own copy (one C-level object; the strings are shared): filtering waits for the
-        # first lookup. Fields named by Cache-Control are never kept, not even until then
-        # (RFC 9111 §5.2.2.4, §5.2.2.7).
-        if drop:
-            pairs: Iterable[tuple[str, str]] = rules.storable_headers(headers, drop=drop)
-            raw = CIMultiDict(pairs)
-        else:
-            pairs = headers.items()
-            raw = CIMultiDict(headers)  # from a multidict: a C-level copy of its items
-        size = ENTRY_OVERHEAD + len(key.url) + HEADER_OVERHEAD * len(raw)
-        for name, value in pairs:  # not `raw`: a fresh copy is slower to iterate
-            size += len(name) + len(value)
+        raw = None
+        if not drop:
+            # A hot URL stored again with the very same headers (within the second of one
+            # Date): share the stored copy and its size instead of copying and counting.
+            variants = self._variants.get(key)
+            if variants is not None and variants.names == vary:
+                previous = variants.entries.get(values)
+                if previous is not None and previous.raw == headers:
+                    raw = previous.raw
+                    size = previous.head_size
+        if raw is None:
+            # An own copy (one C-level object; the strings are shared): filtering waits for
+            # the first lookup. Fields named by Cache-Control are never kept, not even until
+            # then (RFC 9111 §5.2.2.4, §5.2.2.7).
+            if drop:
+                pairs: Iterable[tuple[str, str]] = rules.storable_headers(headers, drop=drop)
+                raw = CIMultiDict(pairs)
+            else:
+                pairs = headers.items()
+                raw = CIMultiDict(headers)  # from a multidict: a C-level copy of its items
+            size = ENTRY_OVERHEAD + len(key.url) + HEADER_OVERHEAD * len(raw)
+            for name, value in pairs:  # not `raw`: a fresh copy is slower to iterate
+                size += len(name) + len(value)
         get = headers.get
         entry = _Entry(
             key,
             vary,
-            vary_values(vary, request_headers) if vary else (),
+            values,
             status,
             raw,
             cc,

@@ -365,12 +365,50 @@ def test_stale_answer_lines_are_the_listeners_stored_head_lines() -> None:
     hit = store.lookup(_key(store), hdrs(), POLICY)
     assert hit is not None
     assert hit.lines == stored_head_lines(hit.headers, handler._STALE_SET)
-    assert hit.lines == (
-        f"Cache-Control: max-age=60\r\nContent-Type: a/b\r\nDate: {date}\r\n"
-    )
+    assert hit.lines == (f"Cache-Control: max-age=60\r\nContent-Type: a/b\r\nDate: {date}\r\n")
     assert hit.has_date
     head = hit.for_head()
     assert head.lines == hit.lines and head.has_date and head.body == b""
     built = StaleHit(status=200, headers=hit.headers, body=b"", age=0, staleness=0.0, ttl=0)
     assert built.lines == hit.lines and built.has_date
     assert not StaleHit(status=200, headers=(), body=b"", age=0, staleness=0.0, ttl=0).has_date
+
+
+def test_a_single_chunk_is_kept_by_reference_a_mutable_one_copied() -> None:
+    store = _store()
+    body = b"x" * 100
+    writer = store.begin(
+        _key(store), status=200, headers=hdrs(), request_headers=hdrs(), policy=POLICY
+    )
+    assert writer is not None
+    writer.feed(body)
+    assert writer.finish()
+    assert _entry(store).body is body
+    buffer = bytearray(b"abc")
+    writer = store.begin(
+        _key(store), status=200, headers=hdrs(), request_headers=hdrs(), policy=POLICY
+    )
+    assert writer is not None
+    writer.feed(buffer)
+    buffer[:] = b"zzz"  # the listener reuses its buffer
+    assert writer.finish()
+    assert _entry(store).body == b"abc"
+
+
+def test_the_same_headers_stored_again_share_one_copy_other_headers_get_their_own() -> None:
+    store = _store()
+    same = (("Cache-Control", "max-age=60"), ("Date", "Tue, 15 Nov 1994 08:12:31 GMT"))
+    _put(store, same, b"a")
+    first = _entry(store)
+    _put(store, same, b"b")
+    second = _entry(store)
+    assert second is not first and second.raw is first.raw
+    assert second.head_size == first.head_size and second.body == b"b"
+    _put(store, (("Cache-Control", "max-age=60"), ("Date", "Tue, 15 Nov 1994 08:12:32 GMT")), b"c")
+    third = _entry(store)
+    assert third.raw is not first.raw and third.raw["Date"].endswith("32 GMT")
+    assert store.entries == 1 and store.bytes == third.head_size + 1
+    # Reordered fields are other headers (their order is kept as received).
+    _put(store, (("Date", "Tue, 15 Nov 1994 08:12:32 GMT"), ("Cache-Control", "max-age=60")), b"d")
+    assert _entry(store).raw is not third.raw
+    assert list(_entry(store).raw) == ["Date", "Cache-Control"]
