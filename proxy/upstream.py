@@ -237,7 +237,8 @@ class _Connection(asyncio.Protocol):
         self.got_bytes = False  # any response byte arrived for this exchange
         self.done = False  # the final response ended (body included)
         self.failure: UpstreamFailure | None = None
-        self.final: tuple[int, str, CIMultiDict[str]] | None = None
+        # (status, reason, the head's fields as llhttp gave them, raw bytes)
+        self.final: tuple[int, str, list[tuple[bytes, bytes]]] | None = None
         self.interims: list[tuple[int, list[tuple[str, str]]]] = []
         self.body: ResponseBody | None = None
         self.waiter: asyncio.Future[None] | None = None
@@ -298,11 +299,8 @@ class _Connection(asyncio.Protocol):
             return
         body = self.body
         if body is not None and not body._eof:
-            headers = self.final[2]
-            if (
-                "Content-Length" in headers
-                or "chunked" in headers.get("Transfer-Encoding", "").lower()
-            ):
+            names = {name.lower() for name, _ in self.final[2]}
+            if b"content-length" in names or b"transfer-encoding" in names:
                 body._fail("the upstream connection broke off mid-body")
             else:
                 self.keep_alive = False  # a body delimited by the connection's end
@@ -357,10 +355,9 @@ class _Connection(asyncio.Protocol):
         if status > 599 or parser.get_http_version()[:2] != "1.":
             self._bad_status(status)
             return
-        headers: CIMultiDict[str] = CIMultiDict(
-            [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self._raw]
-        )
-        self.final = (status, self._reason.decode("latin-1"), headers)
+        # Kept as bytes: the client's head is built from them as they are, and the
+        # `CIMultiDict` view is made only when a policy reads it (`UpstreamResponse.headers`).
+        self.final = (status, self._reason.decode("latin-1"), self._raw)
         self.body = ResponseBody(self)
         self._wake()
         if self.head_only:
@@ -416,8 +413,8 @@ class _Connection(asyncio.Protocol):
         assert self.final is not None
         # llhttp's own keep-alive answer would count a HEAD response without a length as
         # delimited by the connection's end, so decide from the version and Connection.
-        tokens = ",".join(self.final[2].getall("Connection", ())).lower()
-        persistent = "keep-alive" in tokens if version == "1.0" else "close" not in tokens
+        tokens = b",".join(v for n, v in self.final[2] if n.lower() == b"connection").lower()
+        persistent = b"keep-alive" in tokens if version == "1.0" else b"close" not in tokens
         # Any byte after the head is a body llhttp could not skip: no reuse then.
         clean = (self._tail + data).endswith(_HEAD_END)
         self.keep_alive = self.keep_alive and persistent and clean
@@ -488,9 +485,12 @@ class _Connection(asyncio.Protocol):
 
 
 class UpstreamResponse:
-    """A response whose head has arrived; its body is `content`, read by the caller."""
+    """A response whose head has arrived; its body is `content`, read by the caller.
 
-    __slots__ = ("_client", "_conn", "content", "headers", "reason", "status")
+    `raw` is the head's fields as received (bytes, in order); `headers` is a decoded
+    (latin-1, so bytes round-trip) case-insensitive view, made on first use."""
+
+    __slots__ = ("_client", "_conn", "_headers", "content", "raw", "reason", "status")
 
     def __init__(
         self,
@@ -498,15 +498,25 @@ class UpstreamResponse:
         conn: _Connection,
         status: int,
         reason: str,
-        headers: CIMultiDict[str],
+        raw: list[tuple[bytes, bytes]],
         content: ResponseBody,
     ) -> None:
         self._client = client
         self._conn: _Connection | None = conn
         self.status = status
         self.reason = reason
-        self.headers = headers
+        self.raw = raw
+        self._headers: CIMultiDict[str] | None = None
         self.content = content
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = CIMultiDict(
+                [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self.raw]
+            )
+        return headers
 
     def release(self) -> None:
         """The body was read to its end: the connection goes back to the pool if it can."""

@@ -28,6 +28,8 @@ def split_target(raw: str) -> tuple[str, str]:
     if not raw.startswith("/"):
         raise ProxyError.bad_request("only origin-form request targets are accepted")
     path, sep, query = raw.partition("?")
+    if "/." not in path and "%" not in path and "\\" not in path and "\x00" not in path:
+        return path, sep + query  # most paths: no dot-segment, nothing encoded
     if "\\" in path or "\x00" in path or ("%" in path and _has_encoded_danger(path)):
         raise ProxyError.bad_request("the path contains a backslash or NUL")
     for segment in path.split("/"):
@@ -141,35 +143,66 @@ def build_upstream_headers(
 _FRAMING = frozenset(("content-length",))
 
 
+# Response fields the head builder looks at (lower-case bytes): dropped (hop-by-hop, and
+# Content-Length, which the listener frames itself), rewritten, or noted.
+_HOP_BY_HOP_B = frozenset(name.encode() for name in HOP_BY_HOP)
+_SPECIAL_B = _HOP_BY_HOP_B | {b"content-length", b"location", b"link", b"date"}
+
+
 def client_head_lines(
-    upstream_headers: Iterable[tuple[str, str]],
-    connection: list[str],
+    raw: list[tuple[bytes, bytes]],
     route: Route,
     client: ClientInfo | None = None,
-) -> tuple[str, str | None]:
-    """Response header lines for the client ("Name: value\\r\\n" each) and the
-    upstream's Content-Length: hop-by-hop removed, Location and Link rewritten. `Via` is
-    the route's prebuilt part, added by the caller."""
-    drop = HOP_BY_HOP
-    if connection:
-        drop = drop | frozenset(t.strip().lower() for v in connection for t in v.split(","))
-    lines = []
+) -> tuple[bytes, str | None, bool]:
+    """Response header lines for the client (`Name: value\r\n` each, bytes as the upstream
+    sent them), the upstream's Content-Length, and whether it sent a Date: hop-by-hop
+    fields (and those `Connection` names) removed, Location and Link rewritten. `Via` is the
+    route's prebuilt part, added by the caller."""
+    out: list[bytes] = []
     length: str | None = None
-    for name, value in upstream_headers:
+    has_date = False
+    named: list[bytes] | None = None  # Connection's tokens, when it names other fields
+    special = _SPECIAL_B
+    for name, value in raw:
         lname = name.lower()
-        if lname in drop:
-            continue
-        if lname == "content-length":
+        if lname not in special:
+            out += (name, b": ", value, b"\r\n")
+        elif lname == b"date":
+            has_date = True
+            out += (name, b": ", value, b"\r\n")
+        elif lname == b"content-length":
             if length is None:
-                length = value
-            continue
-        if lname == "location":
-            value = rewrite_location(value, route)
-        elif lname == "link" and route.upstream.url in value:
-            origin = f"{client.scheme}://{client.host}" if client is not None else ""
-            value = rewrite_link(value, route, origin)
-        lines.append(f"{name}: {value}\r\n")
-    return "".join(lines), length
+                length = value.decode("latin-1")
+        elif lname == b"location":
+            text = rewrite_location(value.decode("latin-1"), route)
+            out += (name, b": ", _encode(text), b"\r\n")
+        elif lname == b"link":
+            text = value.decode("latin-1")
+            if route.upstream.url in text:
+                origin = f"{client.scheme}://{client.host}" if client is not None else ""
+                text = rewrite_link(text, route, origin)
+            out += (name, b": ", _encode(text), b"\r\n")
+        elif lname == b"connection":
+            tokens = [t.strip().lower() for t in value.split(b",")]
+            extra = [t for t in tokens if t and t != b"close" and t not in _HOP_BY_HOP_B]
+            if extra:
+                named = (named or []) + extra
+    if named:
+        # Rare: the upstream named fields of its own as hop-by-hop; drop those too.
+        drop = frozenset(named)
+        kept: list[bytes] = []
+        for i in range(0, len(out), 4):
+            if out[i].lower() not in drop:
+                kept += out[i : i + 4]
+        out = kept
+    return b"".join(out), length, has_date
+
+
+def _encode(text: str) -> bytes:
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape")
 
 
 def stored_head_lines(headers: Iterable[tuple[str, str]], replaced: frozenset[str]) -> str:
