@@ -191,7 +191,11 @@ NO_RESPONSE_DIRECTIVES = ResponseDirectives()
 def response_directives(headers: MultiMapping[str]) -> ResponseDirectives:
     """The response's Cache-Control, parsed once per distinct single field value (memoised:
     the result is immutable)."""
-    values = headers.getall("cache-control", ())
+    return cache_control(headers.getall("cache-control", ()))
+
+
+def cache_control(values: Sequence[str]) -> ResponseDirectives:
+    """`response_directives` of the Cache-Control field lines themselves."""
     if not values:
         return NO_RESPONSE_DIRECTIVES
     return _response_memo.lookup(values)
@@ -334,7 +338,7 @@ def refuse_to_store(
     status: int,
     cc: ResponseDirectives,
     request: RequestDirectives,
-    response_headers: MultiMapping[str],
+    set_cookie: bool,
     vary: tuple[str, ...],
     policy: FallbackPolicy,
     shared: bool,
@@ -349,7 +353,7 @@ def refuse_to_store(
         return Refusal.NO_STORE
     if "*" in vary:
         return Refusal.VARY_ANY
-    if not policy.store_set_cookie and "set-cookie" in response_headers:
+    if set_cookie and not policy.store_set_cookie:
         return Refusal.SET_COOKIE
     if shared and cc.private:
         return Refusal.PRIVATE

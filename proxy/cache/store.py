@@ -11,10 +11,11 @@ and the entries per Vary values; `_lru` orders every entry by last use. Every op
 few dict operations; the body is joined once, at `finish`.
 
 Cost: every good response on a fallback route is stored, and few are ever served, so
-storing does only what deciding to store needs (memoised Cache-Control and Vary parses, one
-C-level copy of the headers, shared when a hot URL comes back with the very same ones);
-what serving needs (filtered headers, the answer's head lines, parsed dates, freshness
-lifetime and initial age) is derived at an entry's first lookup and kept with it.
+storing does only what deciding to store needs: one pass over the upstream's raw fields
+(bytes, never decoded as a whole), memoised Cache-Control and Vary parses, and a tuple copy
+of the fields. What serving needs (decoded and filtered headers, the answer's head lines,
+parsed dates, freshness lifetime and initial age) is derived at an entry's first lookup and
+kept with it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from multidict import CIMultiDict, MultiMapping
@@ -64,6 +65,9 @@ STALE_ANSWER_FIELDS: frozenset[str] = frozenset(
 _NOT_IN_ANSWER = STALE_ANSWER_FIELDS | HOP_BY_HOP | {"content-length"}
 
 EntryKey = tuple[RequestKey, VaryValues]
+Fields = tuple[tuple[bytes, bytes], ...]  # response header fields as received
+# (Spelled out here: inside FallbackStore, `bytes` is its gauge property.)
+ReceivedFields = Sequence[tuple[bytes, bytes]]
 
 
 @dataclass(slots=True)
@@ -160,13 +164,14 @@ class _Entry:
     vary_names: tuple[str, ...]  # the response's Vary, normalised
     vary: VaryValues  # the request's values for those names
     status: int
-    # The response's headers as received; when Cache-Control names fields that must not be
-    # stored (`no-cache="…"`, `private="…"` in the shared partition), already without them.
-    raw: CIMultiDict[str]
+    # The response's fields as received (bytes, in order); when Cache-Control names fields
+    # that must not be stored (`no-cache="…"`, `private="…"` in the shared partition),
+    # already without them.
+    raw: Fields
     directives: rules.ResponseDirectives
-    date: str | None  # the first Date field line, unparsed
-    expires: str | None  # the first Expires field line, unparsed
-    age: str | None  # the first Age field line, unparsed
+    date: bytes | None  # the first Date field line, unparsed
+    expires: bytes | None  # the first Expires field line, unparsed
+    age: bytes | None  # the first Age field line, unparsed
     response_time: float  # clock.wall() when the response headers arrived
     response_delay: float  # seconds from sending the final attempt to its headers
     stored_at: float  # clock.now() when the response headers arrived
@@ -190,11 +195,17 @@ class _Served:
     initial_age: float  # corrected initial age, seconds
 
 
+def _text(field: bytes) -> str:
+    """A field name or value as text: latin-1, so that every byte round-trips (the
+    upstream client's decoded view does the same)."""
+    return field.decode("latin-1")
+
+
 def _serving(entry: _Entry) -> _Served:
     """RFC 9111 §4.2.1 freshness lifetime and §4.2.3 initial age of a stored response, and
     its headers as stored (hop-by-hop fields, those `Connection` names, and Age removed)."""
-    headers = rules.storable_headers(entry.raw)
-    date_value = rules.parse_http_date(entry.date) if entry.date is not None else None
+    headers = rules.storable_headers(CIMultiDict([(_text(n), _text(v)) for n, v in entry.raw]))
+    date_value = rules.parse_http_date(_text(entry.date)) if entry.date is not None else None
     if date_value is None:
         date_value = entry.response_time  # RFC 9110 §6.6.1: a missing Date is the receipt time
     return _Served(
@@ -205,10 +216,10 @@ def _serving(entry: _Entry) -> _Served:
             entry.directives,
             shared=entry.key.shared,
             date_value=date_value,
-            expires=entry.expires,
+            expires=_text(entry.expires) if entry.expires is not None else None,
         ),
         initial_age=rules.initial_age(
-            age_value=rules.parse_age((entry.age,) if entry.age is not None else ()),
+            age_value=rules.parse_age((_text(entry.age),) if entry.age is not None else ()),
             date_value=date_value,
             response_time=entry.response_time,
             response_delay=entry.response_delay,
@@ -418,33 +429,70 @@ class FallbackStore:
         key: RequestKey,
         *,
         status: int,
-        headers: MultiMapping[str],
+        fields: ReceivedFields,
         request_headers: MultiMapping[str],
         policy: FallbackPolicy,
         requested_at: float | None = None,
     ) -> EntryWriter | None:
-        """Start storing the final response whose headers just arrived, or None when it
-        must not be stored (then copy nothing).
+        """Start storing the final response whose head just arrived, or None when it must
+        not be stored (then copy nothing).
 
-        `headers` are the upstream's response headers as received; `request_headers` the
-        client's; `requested_at` the clock.now() when the final attempt was sent (for the
-        RFC 9111 §4.2.3 response delay; None counts it as 0). Only what decides storing is
-        worked out here; what serving needs waits for the entry's first lookup.
+        `fields` are the upstream's response header fields as received ((name, value)
+        bytes, in order); `request_headers` the client's; `requested_at` the clock.now()
+        when the final attempt was sent (for the RFC 9111 §4.2.3 response delay; None counts
+        it as 0). One pass over the fields finds what decides storing; what serving needs
+        waits for the entry's first lookup.
         """
         method = key.method
         if method not in policy.methods:
             return None
         if key.body_hash is None and method not in _GET_HEAD:
             return None
-        getall = headers.getall
-        cc = rules.response_directives(headers)
-        vary = parse_vary(getall("vary", ()))
+        # The one pass: the size estimate, and the few fields that matter here, by kind.
+        size = 0
+        cc_lines: list[str] | None = None
+        vary_lines: list[str] | None = None
+        lengths: list[bytes] | None = None
+        set_cookie = False
+        date = expires = age = None
+        kinds = _kind_memo
+        for name, value in fields:
+            size += len(name) + len(value)
+            kind = kinds.get(name)
+            if kind is None:
+                kind = _learn_kind(name)
+            if not kind:
+                continue
+            if kind == _CACHE_CONTROL:
+                if cc_lines is None:
+                    cc_lines = []
+                cc_lines.append(_text(value))
+            elif kind == _CONTENT_LENGTH:
+                if lengths is None:
+                    lengths = []
+                lengths.append(value)
+            elif kind == _DATE:
+                if date is None:
+                    date = value
+            elif kind == _VARY:
+                if vary_lines is None:
+                    vary_lines = []
+                vary_lines.append(_text(value))
+            elif kind == _SET_COOKIE:
+                set_cookie = True
+            elif kind == _EXPIRES:
+                if expires is None:
+                    expires = value
+            elif age is None:  # _AGE
+                age = value
+        cc = rules.cache_control(cc_lines) if cc_lines is not None else _NO_CC
+        vary = parse_vary(vary_lines) if vary_lines is not None else ()
         refusal = rules.refuse_to_store(
             method=method,
             status=status,
             cc=cc,
             request=rules.request_directives(request_headers),
-            response_headers=headers,
+            set_cookie=set_cookie,
             vary=vary,
             policy=policy,
             shared=key.shared,
@@ -455,53 +503,35 @@ class FallbackStore:
         limit = settings.max_entry_bytes
         if settings.max_bytes < limit:
             limit = settings.max_bytes
-        expected = _expected_length(method, status, getall("content-length", ()))
+        expected = _expected_length(method, status, lengths)
         if expected is not None and expected > limit:
             return None
 
         now = self._clock.now()
-        values = vary_values(vary, request_headers) if vary else ()
         drop = cc.no_cache_fields
         if key.shared and cc.private_fields:
             drop = drop | cc.private_fields
-        raw = None
-        if not drop:
-            # A hot URL stored again with the very same headers (within the second of one
-            # Date): share the stored copy and its size instead of copying and counting.
-            variants = self._variants.get(key)
-            if variants is not None and variants.names == vary:
-                previous = variants.entries.get(values)
-                if previous is not None and previous.raw == headers:
-                    raw = previous.raw
-                    size = previous.head_size
-        if raw is None:
-            # An own copy (one C-level object; the strings are shared): filtering waits for
-            # the first lookup. Fields named by Cache-Control are never kept, not even until
-            # then (RFC 9111 §5.2.2.4, §5.2.2.7).
-            if drop:
-                pairs: Iterable[tuple[str, str]] = rules.storable_headers(headers, drop=drop)
-                raw = CIMultiDict(pairs)
-            else:
-                pairs = headers.items()
-                raw = CIMultiDict(headers)  # from a multidict: a C-level copy of its items
-            size = ENTRY_OVERHEAD + len(key.url) + HEADER_OVERHEAD * len(raw)
-            for name, value in pairs:  # not `raw`: a fresh copy is slower to iterate
-                size += len(name) + len(value)
-        get = headers.get
+        if drop:
+            # Fields named by Cache-Control are never kept, not even until the first lookup
+            # (RFC 9111 §5.2.2.4, §5.2.2.7).
+            names = {name.encode("latin-1", "replace") for name in drop}
+            raw = tuple([f for f in fields if f[0].lower() not in names])
+        else:
+            raw = tuple(fields)  # an own copy of the list; the (name, value) pairs are shared
         entry = _Entry(
             key,
             vary,
-            values,
+            vary_values(vary, request_headers) if vary else (),
             status,
             raw,
             cc,
-            get("date"),
-            get("expires"),
-            get("age"),
+            date,
+            expires,
+            age,
             self._clock.wall(),
             0.0 if requested_at is None else now - requested_at,
             now,
-            size,
+            size + ENTRY_OVERHEAD + len(key.url) + HEADER_OVERHEAD * len(raw),
         )
         return EntryWriter(self, entry, limit, expected)
 
@@ -622,15 +652,41 @@ class FallbackStore:
             self._evictions += 1
 
 
-def _expected_length(method: str, status: int, values: Sequence[str]) -> int | None:
+def _expected_length(method: str, status: int, values: Sequence[bytes] | None) -> int | None:
     """The body length the response announces (its Content-Length field lines), when it
     has one to check against."""
     if method == "HEAD" or status in _BODYLESS_STATUSES:
         return 0
-    if len(values) != 1:
+    if values is None or len(values) != 1:
         return None
     value = values[0].strip()
-    return int(value) if value.isascii() and value.isdigit() else None
+    return int(value) if value.isdigit() else None  # bytes.isdigit: ASCII digits only
+
+
+# The response fields `begin` reads, by kind; 0 for any other field.
+_CACHE_CONTROL, _VARY, _CONTENT_LENGTH, _SET_COOKIE, _DATE, _EXPIRES, _AGE = range(1, 8)
+_FIELD_KINDS: dict[bytes, int] = {
+    b"cache-control": _CACHE_CONTROL,
+    b"vary": _VARY,
+    b"content-length": _CONTENT_LENGTH,
+    b"set-cookie": _SET_COOKIE,
+    b"date": _DATE,
+    b"expires": _EXPIRES,
+    b"age": _AGE,
+}
+# Field names as spelled on the wire -> kind, so a name is lower-cased once, not per response;
+# bounded like the parse memos (names up to MEMO_VALUE_MAX bytes, emptied when full).
+_kind_memo: dict[bytes, int] = {}
+_NO_CC = rules.NO_RESPONSE_DIRECTIVES
+
+
+def _learn_kind(name: bytes) -> int:
+    kind = _FIELD_KINDS.get(name.lower(), 0)
+    if len(name) <= rules.MEMO_VALUE_MAX:
+        if len(_kind_memo) >= rules.MEMO_MAX:
+            _kind_memo.clear()
+        _kind_memo[name] = kind
+    return kind
 
 
 class RouteKeys:

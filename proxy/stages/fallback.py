@@ -53,7 +53,7 @@ class FallbackStage(Stage):
                 result.writer = self.store.begin(
                     key,
                     status=response.status,
-                    headers=response.headers,
+                    fields=response.raw,
                     request_headers=call.request_headers,
                     policy=policy,
                 )

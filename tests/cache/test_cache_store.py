@@ -24,6 +24,11 @@ def hdrs(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
     return CIMultiDictProxy(CIMultiDict(pairs))
 
 
+def fields(*pairs: tuple[str, str]) -> list[tuple[bytes, bytes]]:
+    """Response header fields as the upstream client hands them over: bytes, in order."""
+    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in pairs]
+
+
 class Harness:
     def __init__(self, max_bytes: int = 1 << 20, max_entry_bytes: int = 1 << 16) -> None:
         self.clock = FakeClock()
@@ -67,7 +72,7 @@ class Harness:
         writer = self.store.begin(
             key,
             status=status,
-            headers=hdrs(*response),
+            fields=fields(*response),
             request_headers=hdrs(*request),
             policy=policy,
         )
@@ -182,7 +187,7 @@ def test_rfc9111_5_2_2_4_qualified_no_cache_fields_are_not_kept(h: Harness) -> N
 
 def test_body_is_assembled_from_streamed_chunks(h: Harness) -> None:
     key = h.key()
-    writer = h.store.begin(key, status=200, headers=hdrs(), request_headers=hdrs(), policy=POLICY)
+    writer = h.store.begin(key, status=200, fields=[], request_headers=hdrs(), policy=POLICY)
     assert writer is not None
     for chunk in (b"ab", bytearray(b"cd"), b"", b"ef"):
         writer.feed(chunk)
@@ -193,7 +198,7 @@ def test_body_is_assembled_from_streamed_chunks(h: Harness) -> None:
 
 def test_writer_aborted_mid_stream_never_stores(h: Harness) -> None:
     key = h.key()
-    writer = h.store.begin(key, status=200, headers=hdrs(), request_headers=hdrs(), policy=POLICY)
+    writer = h.store.begin(key, status=200, fields=[], request_headers=hdrs(), policy=POLICY)
     assert writer is not None
     writer.feed(b"first half")
     writer.abort()
@@ -203,7 +208,7 @@ def test_writer_aborted_mid_stream_never_stores(h: Harness) -> None:
 
 def test_writer_never_finished_never_stores(h: Harness) -> None:
     key = h.key()
-    writer = h.store.begin(key, status=200, headers=hdrs(), request_headers=hdrs(), policy=POLICY)
+    writer = h.store.begin(key, status=200, fields=[], request_headers=hdrs(), policy=POLICY)
     assert writer is not None
     writer.feed(b"partial")
     assert h.get(key) is None
@@ -228,7 +233,7 @@ def test_head_response_stored_without_body_and_kept_apart_from_get(h: Harness) -
 def test_entry_over_max_entry_bytes_stops_copying_and_is_not_stored() -> None:
     h = Harness(max_entry_bytes=10)
     key = h.key()
-    writer = h.store.begin(key, status=200, headers=hdrs(), request_headers=hdrs(), policy=POLICY)
+    writer = h.store.begin(key, status=200, fields=[], request_headers=hdrs(), policy=POLICY)
     assert writer is not None
     writer.feed(b"123456")
     assert not writer.too_big
@@ -245,7 +250,7 @@ def test_content_length_over_max_entry_bytes_is_refused_before_any_copy() -> Non
     writer = h.store.begin(
         h.key(),
         status=200,
-        headers=hdrs(("Content-Length", "11")),
+        fields=fields(("Content-Length", "11")),
         request_headers=hdrs(),
         policy=POLICY,
     )
@@ -427,7 +432,7 @@ def test_rfc9111_4_2_3_response_delay_counts_toward_age(h: Harness) -> None:
     writer = h.store.begin(
         key,
         status=200,
-        headers=hdrs(("Cache-Control", "max-age=60"), ("Age", "10")),
+        fields=fields(("Cache-Control", "max-age=60"), ("Age", "10")),
         request_headers=hdrs(),
         policy=POLICY,
         requested_at=sent_at,
