@@ -466,7 +466,7 @@ class FallbackStore:
             if kind == _CACHE_CONTROL:
                 if cc_lines is None:
                     cc_lines = []
-                cc_lines.append(_text(value))
+                cc_lines.append(value.decode("latin-1"))
             elif kind == _CONTENT_LENGTH:
                 if lengths is None:
                     lengths = []
@@ -477,7 +477,7 @@ class FallbackStore:
             elif kind == _VARY:
                 if vary_lines is None:
                     vary_lines = []
-                vary_lines.append(_text(value))
+                vary_lines.append(value.decode("latin-1"))
             elif kind == _SET_COOKIE:
                 set_cookie = True
             elif kind == _EXPIRES:
