@@ -440,8 +440,10 @@ class HttpConnection(asyncio.Protocol):
         self._parsing: Request | None = None
         self._in_head = False
         self._url = b""
-        self._raw_headers: list[tuple[str, str]] = []
+        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._underscores = False  # a field name of this head contains "_"
         self._head_size = 0
+        self._max_head = 0  # max_header_bytes of the request being parsed
         self._raw_head = 0
         # Requests whose head arrived, oldest first; the first is the one being handled.
         self._queue: deque[Request] = deque()
@@ -678,34 +680,43 @@ class HttpConnection(asyncio.Protocol):
 
     # -- parser callbacks: the request state machine ------------------------------------
     def on_message_begin(self) -> None:
-        self._limits = self._app.limits()
-        self._parsing = Request(self, self._limits)
+        limits = self._limits = self._app.limits()
+        self._max_head = limits.max_header_bytes
+        self._parsing = Request(self, limits)
         self._in_head = True
         self._url = b""
         self._raw_headers = []
+        self._underscores = False
         self._head_size = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
         self._head_size += len(url) + 16
-        if self._head_size > self._limits.max_header_bytes:
-            raise _Refused(ProxyError.head_too_large(self._limits.max_header_bytes))
+        if self._head_size > self._max_head:
+            raise _Refused(ProxyError.head_too_large(self._max_head))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:
-            return  # a trailer field: dropped (Trailer is hop-by-hop)
-        self._head_size += len(name) + len(value) + 4
-        if self._head_size > self._limits.max_header_bytes:
-            raise _Refused(ProxyError.head_too_large(self._limits.max_header_bytes))
-        if value and value[-1] in (32, 9):
-            value = value.rstrip(b" \t")
-        if b"_" in name:
+        # Called once per field: only what must happen while parsing (the size limit);
+        # the rest is done for the whole head in on_headers_complete.
+        if self._in_head:  # else a trailer field: dropped (Trailer is hop-by-hop)
+            self._raw_headers.append((name, value))
+            self._head_size += len(name) + len(value) + 4
+            if self._head_size > self._max_head:
+                raise _Refused(ProxyError.head_too_large(self._max_head))
+            if b"_" in name:
+                self._underscores = True
+
+    def _fields(self) -> list[tuple[str, str]]:
+        """The head's fields as text: latin-1 (obs-text round-trips byte for byte), trailing
+        whitespace removed, names with "_" handled per `headers_with_underscores`."""
+        raw = self._raw_headers
+        if self._underscores:
             policy = self._app.underscores()
-            if policy == "drop":
-                return
             if policy == "reject":
                 raise _Refused(ProxyError.bad_request("a header field name contains an underscore"))
-        self._raw_headers.append((name.decode("latin-1"), value.decode("latin-1")))
+            if policy == "drop":
+                raw = [(n, v) for n, v in raw if b"_" not in n]
+        return [(n.decode("latin-1"), v.rstrip(b" \t").decode("latin-1")) for n, v in raw]
 
     def on_headers_complete(self) -> None:
         req = self._parsing
@@ -737,7 +748,7 @@ class HttpConnection(asyncio.Protocol):
         if not target.startswith("/"):
             raise _Refused(ProxyError.bad_request("only origin-form request targets are accepted"))
         req.target = target
-        headers = req.headers = CIMultiDict(self._raw_headers)
+        headers = req.headers = CIMultiDict(self._fields())
         hosts = headers.getall("Host", ())
         if len(hosts) > 1:
             raise _Refused(ProxyError.bad_request("the request has more than one Host header"))
