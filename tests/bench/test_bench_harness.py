@@ -301,7 +301,11 @@ def test_memory_checks_against_the_issue_budgets() -> None:
             {"VmRSS": 50_000}, {"VmRSS": 70_000}, {"VmRSS": 78_000}, 1_000_000
         )
     }
-    assert found["idle RSS (100 routes)"].ok is True
+    idle = found["idle RSS (100 routes)"]
+    assert idle.ok is True
+    assert idle.value == "50,000 kB (48.8 MiB, 51.2 MB)" and idle.goal == "≤ 60,000 kB, /proc's unit"
+    over = run.memory_checks({"VmRSS": 60_001}, {}, {}, 0)
+    assert [c.ok for c in over] == [False]
     late = found["RSS after 1000000 requests vs after the first 10,000"]
     assert late.ok is False and late.value == "+11.4%"
 
