@@ -49,7 +49,7 @@ import re
 import socket
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -64,10 +64,16 @@ MAX_HEAD_BYTES = 64 * 1024  # response head (interim responses included) larger 
 _BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))  # get an explicit Content-Length: 0
 _IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE"))  # resent after a stale race
 _IDEMPOTENCY_HEADERS = ("Idempotency-Key", "X-Idempotency-Key")
+_IDEMPOTENCY_NAMES = frozenset(name.lower() for name in _IDEMPOTENCY_HEADERS)
+_FRAMING_FIELDS = frozenset(("content-length", "transfer-encoding"))
+_FRAMING_FIELDS_AUTH = _FRAMING_FIELDS | {"authorization"}
 _HEAD_END = b"\r\n\r\n"
 _ERRNO = re.compile(r"\[Errno (\d+)\]")
 
 Body = bytes | AsyncIterator[bytes] | None
+# Request headers: a multidict, or (name, value) pairs in order (what the proxy passes:
+# no framing field among them, and never changed here).
+RequestHeaders = CIMultiDict[str] | list[tuple[str, str]]
 InterimHook = Callable[[int, list[tuple[str, str]]], Awaitable[None] | None]
 
 
@@ -237,7 +243,8 @@ class _Connection(asyncio.Protocol):
         self.got_bytes = False  # any response byte arrived for this exchange
         self.done = False  # the final response ended (body included)
         self.failure: UpstreamFailure | None = None
-        self.final: tuple[int, str, CIMultiDict[str]] | None = None
+        # (status, reason, the head's fields as llhttp gave them, raw bytes)
+        self.final: tuple[int, str, list[tuple[bytes, bytes]]] | None = None
         self.interims: list[tuple[int, list[tuple[str, str]]]] = []
         self.body: ResponseBody | None = None
         self.waiter: asyncio.Future[None] | None = None
@@ -298,11 +305,8 @@ class _Connection(asyncio.Protocol):
             return
         body = self.body
         if body is not None and not body._eof:
-            headers = self.final[2]
-            if (
-                "Content-Length" in headers
-                or "chunked" in headers.get("Transfer-Encoding", "").lower()
-            ):
+            names = {name.lower() for name, _ in self.final[2]}
+            if b"content-length" in names or b"transfer-encoding" in names:
                 body._fail("the upstream connection broke off mid-body")
             else:
                 self.keep_alive = False  # a body delimited by the connection's end
@@ -357,10 +361,9 @@ class _Connection(asyncio.Protocol):
         if status > 599 or parser.get_http_version()[:2] != "1.":
             self._bad_status(status)
             return
-        headers: CIMultiDict[str] = CIMultiDict(
-            [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self._raw]
-        )
-        self.final = (status, self._reason.decode("latin-1"), headers)
+        # Kept as bytes: the client's head is built from them as they are, and the
+        # `CIMultiDict` view is made only when a policy reads it (`UpstreamResponse.headers`).
+        self.final = (status, self._reason.decode("latin-1"), self._raw)
         self.body = ResponseBody(self)
         self._wake()
         if self.head_only:
@@ -416,8 +419,8 @@ class _Connection(asyncio.Protocol):
         assert self.final is not None
         # llhttp's own keep-alive answer would count a HEAD response without a length as
         # delimited by the connection's end, so decide from the version and Connection.
-        tokens = ",".join(self.final[2].getall("Connection", ())).lower()
-        persistent = "keep-alive" in tokens if version == "1.0" else "close" not in tokens
+        tokens = b",".join(v for n, v in self.final[2] if n.lower() == b"connection").lower()
+        persistent = b"keep-alive" in tokens if version == "1.0" else b"close" not in tokens
         # Any byte after the head is a body llhttp could not skip: no reuse then.
         clean = (self._tail + data).endswith(_HEAD_END)
         self.keep_alive = self.keep_alive and persistent and clean
@@ -488,9 +491,12 @@ class _Connection(asyncio.Protocol):
 
 
 class UpstreamResponse:
-    """A response whose head has arrived; its body is `content`, read by the caller."""
+    """A response whose head has arrived; its body is `content`, read by the caller.
 
-    __slots__ = ("_client", "_conn", "content", "headers", "reason", "status")
+    `raw` is the head's fields as received (bytes, in order); `headers` is a decoded
+    (latin-1, so bytes round-trip) case-insensitive view, made on first use."""
+
+    __slots__ = ("_client", "_conn", "_headers", "content", "raw", "reason", "status")
 
     def __init__(
         self,
@@ -498,15 +504,25 @@ class UpstreamResponse:
         conn: _Connection,
         status: int,
         reason: str,
-        headers: CIMultiDict[str],
+        raw: list[tuple[bytes, bytes]],
         content: ResponseBody,
     ) -> None:
         self._client = client
         self._conn: _Connection | None = conn
         self.status = status
         self.reason = reason
-        self.headers = headers
+        self.raw = raw
+        self._headers: CIMultiDict[str] | None = None
         self.content = content
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = CIMultiDict(
+                [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self.raw]
+            )
+        return headers
 
     def release(self) -> None:
         """The body was read to its end: the connection goes back to the pool if it can."""
@@ -661,18 +677,31 @@ class UpstreamClient:
                 waiter.set_result(None)
                 return
 
+    def _take_idle(self) -> _Connection | None:
+        """The most recently pooled connection that is still usable, if any (no await)."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            conn.pooled = False
+            if conn.alive and conn.keep_alive:
+                return conn
+            self._discard(conn)
+        return None
+
     # -- one attempt -------------------------------------------------------------------------
     async def send(
         self,
         method: str,
         path_and_query: str,
-        headers: CIMultiDict[str],
+        headers: RequestHeaders,
         body: Body,
         length: int | None = None,
         *,
         on_interim: InterimHook | None = None,
     ) -> UpstreamResponse:
-        conn = await self._acquire()
+        conn = self._take_idle()
+        if conn is None:
+            conn = await self._acquire()
         stream = _Stream(body) if body is not None and not isinstance(body, bytes) else None
         head = self._head(method, path_and_query, headers, body, length)
         payload = body if isinstance(body, bytes) else b""
@@ -707,7 +736,7 @@ class UpstreamClient:
         conn: _Connection,
         exc: UpstreamFailure,
         method: str,
-        headers: CIMultiDict[str],
+        headers: RequestHeaders,
         stream: _Stream | None,
         written: bool,
     ) -> bool:
@@ -719,31 +748,44 @@ class UpstreamClient:
             return False
         if not written:
             return True
-        return method in _IDEMPOTENT or any(name in headers for name in _IDEMPOTENCY_HEADERS)
+        if method in _IDEMPOTENT:
+            return True
+        if isinstance(headers, list):
+            return any(n.lower() in _IDEMPOTENCY_NAMES for n, _ in headers)
+        return any(name in headers for name in _IDEMPOTENCY_HEADERS)
 
     def _head(
         self,
         method: str,
         target: str,
-        headers: CIMultiDict[str],
+        headers: RequestHeaders,
         body: Body,
         length: int | None,
     ) -> bytes:
-        if self._auth is not None:
-            headers["Authorization"] = self._auth
         if body is None:
-            if method in _BODY_METHODS:
-                headers["Content-Length"] = "0"
+            framing = "Content-Length: 0\r\n\r\n" if method in _BODY_METHODS else "\r\n"
         elif isinstance(body, bytes):
-            headers["Content-Length"] = str(len(body))
+            framing = f"Content-Length: {len(body)}\r\n\r\n"
         elif length is not None:
-            headers["Content-Length"] = str(length)
+            framing = f"Content-Length: {length}\r\n\r\n"
         else:
-            headers["Transfer-Encoding"] = "chunked"
+            framing = "Transfer-Encoding: chunked\r\n\r\n"
+        auth = self._auth
+        if isinstance(headers, CIMultiDict) or auth is not None:
+            # Set here, from the body (and the URL's userinfo), whatever the caller passed.
+            drop = _FRAMING_FIELDS if auth is None else _FRAMING_FIELDS_AUTH
+            pairs: Iterable[tuple[str, str]] = (
+                headers.items() if isinstance(headers, CIMultiDict) else headers
+            )
+            fields = [(n, v) for n, v in pairs if n.lower() not in drop]
+        else:
+            fields = headers
         parts = [method, " ", target, " HTTP/1.1\r\n"]
-        for name, value in headers.items():
+        for name, value in fields:
             parts += (name, ": ", value, "\r\n")
-        parts.append("\r\n")
+        if auth is not None:
+            parts += ("Authorization: ", auth, "\r\n")
+        parts.append(framing)
         text = "".join(parts)
         try:
             return text.encode("latin-1")

@@ -28,6 +28,8 @@ def split_target(raw: str) -> tuple[str, str]:
     if not raw.startswith("/"):
         raise ProxyError.bad_request("only origin-form request targets are accepted")
     path, sep, query = raw.partition("?")
+    if "/." not in path and "%" not in path and "\\" not in path and "\x00" not in path:
+        return path, sep + query  # most paths: no dot-segment, nothing encoded
     if "\\" in path or "\x00" in path or ("%" in path and _has_encoded_danger(path)):
         raise ProxyError.bad_request("the path contains a backslash or NUL")
     for segment in path.split("/"):
@@ -76,6 +78,14 @@ class ClientInfo(Protocol):
     def host(self) -> str: ...
 
 
+_FORWARDED_SET = frozenset(("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"))
+_NO_PEER_SET = frozenset(("x-forwarded-proto", "x-forwarded-host"))
+
+# The request headers sent upstream: (name, value) pairs in order (what `UpstreamClient.send`
+# serialises; it adds the framing fields itself).
+HeaderList = list[tuple[str, str]]
+
+
 @dataclass(frozen=True, slots=True)
 class HeaderPlan:
     """Per-upstream header rewriting, computed once when a config is compiled."""
@@ -85,6 +95,8 @@ class HeaderPlan:
     host: str
     forwarded: bool
     request_id: bool  # send a generated X-Request-Id
+    # `skip` plus the X-Forwarded-* fields the proxy sets itself (when `forwarded`)
+    skip_forwarded: frozenset[str] = frozenset()
 
     @classmethod
     def for_upstream(cls, upstream: Upstream) -> HeaderPlan:
@@ -92,7 +104,12 @@ class HeaderPlan:
         skip = HOP_BY_HOP | {"host", "expect", "content-length"}
         skip |= {name for name, _ in upstream.headers}
         return cls(
-            skip, upstream.headers, upstream.host, upstream.forwarded_headers, upstream.request_id
+            skip,
+            upstream.headers,
+            upstream.host,
+            upstream.forwarded_headers,
+            upstream.request_id,
+            skip | _FORWARDED_SET,
         )
 
 
@@ -101,14 +118,23 @@ def build_upstream_headers(
     plan: HeaderPlan,
     client: ClientInfo,
     generated_id: str | None = None,
-) -> CIMultiDict[str]:
+) -> HeaderList:
     """The request headers to send upstream (DESIGN §5 "Headers"); `generated_id` is the
     request ID the proxy made up (the client sent none), sent where the upstream wants it."""
-    skip = plan.skip
-    if "Connection" in incoming:
-        skip = skip | connection_tokens(incoming)
     forwarded = plan.forwarded
-    out: CIMultiDict[str] = CIMultiDict()
+    client_ip = client.remote if forwarded else None
+    if forwarded:
+        # Set by the proxy below; a client's X-Forwarded-For is kept only when the proxy
+        # has no peer address to append.
+        skip = plan.skip_forwarded if client_ip else plan.skip | _NO_PEER_SET
+    else:
+        skip = plan.skip
+    send_id = generated_id is not None and plan.request_id
+    if send_id or "Connection" in incoming:
+        skip = skip | connection_tokens(incoming)
+        if send_id:
+            skip = skip | {"x-request-id"}  # the client's was unusable: ours replaces it
+    out: HeaderList = []
     for name, value in incoming.items():
         lname = name.lower()
         if lname in skip:
@@ -118,58 +144,90 @@ def build_upstream_headers(
             or (not forwarded and lname.startswith("x-forwarded-"))
         ):
             continue
-        out.add(name, value)
-    out["Host"] = plan.host
-    for name, value in plan.injected:
-        out[name] = value
-    out.add("Via", VIA_VALUE)
-    if generated_id is not None and plan.request_id:
-        out["X-Request-Id"] = generated_id
+        out.append((name, value))
+    out.append(("Host", plan.host))
+    out += plan.injected
+    out.append(("Via", VIA_VALUE))
+    if send_id:
+        assert generated_id is not None
+        out.append(("X-Request-Id", generated_id))
     if forwarded:
-        client_ip = client.remote
         if client_ip:
             prior = incoming.get("X-Forwarded-For")
-            out["X-Forwarded-For"] = f"{prior}, {client_ip}" if prior else client_ip
-        out["X-Forwarded-Proto"] = client.scheme
+            out.append(("X-Forwarded-For", f"{prior}, {client_ip}" if prior else client_ip))
+        out.append(("X-Forwarded-Proto", client.scheme))
         client_host = client.host
         if client_host:
-            out["X-Forwarded-Host"] = client_host
+            out.append(("X-Forwarded-Host", client_host))
+        elif "X-Forwarded-Host" in incoming:
+            out.append(("X-Forwarded-Host", incoming["X-Forwarded-Host"]))
     return out
 
 
-# Never relayed from an upstream answer as is: the listener frames the answer itself.
-_FRAMING = frozenset(("content-length",))
+# Response fields the head builder looks at (lower-case bytes): dropped (hop-by-hop, and
+# Content-Length, which the listener frames itself), rewritten, or noted.
+_HOP_BY_HOP_B = frozenset(name.encode() for name in HOP_BY_HOP)
+_SPECIAL_B = _HOP_BY_HOP_B | {b"content-length", b"location", b"link", b"date"}
 
 
 def client_head_lines(
-    upstream_headers: Iterable[tuple[str, str]],
-    connection: list[str],
+    raw: list[tuple[bytes, bytes]],
     route: Route,
     client: ClientInfo | None = None,
-) -> tuple[str, str | None]:
-    """Response header lines for the client ("Name: value\\r\\n" each) and the
-    upstream's Content-Length: hop-by-hop removed, Location and Link rewritten. `Via` is
-    the route's prebuilt part, added by the caller."""
-    drop = HOP_BY_HOP
-    if connection:
-        drop = drop | frozenset(t.strip().lower() for v in connection for t in v.split(","))
-    lines = []
+) -> tuple[bytes, str | None, bool]:
+    """Response header lines for the client (`Name: value\r\n` each, bytes as the upstream
+    sent them), the upstream's Content-Length, and whether it sent a Date: hop-by-hop
+    fields (and those `Connection` names) removed, Location and Link rewritten. `Via` is the
+    route's prebuilt part, added by the caller."""
+    out: list[bytes] = []
     length: str | None = None
-    for name, value in upstream_headers:
+    has_date = False
+    named: list[bytes] | None = None  # Connection's tokens, when it names other fields
+    special = _SPECIAL_B
+    for name, value in raw:
         lname = name.lower()
-        if lname in drop:
-            continue
-        if lname == "content-length":
+        if lname not in special:
+            out += (name, b": ", value, b"\r\n")
+        elif lname == b"date":
+            has_date = True
+            out += (name, b": ", value, b"\r\n")
+        elif lname == b"content-length":
             if length is None:
-                length = value
-            continue
-        if lname == "location":
-            value = rewrite_location(value, route)
-        elif lname == "link" and route.upstream.url in value:
-            origin = f"{client.scheme}://{client.host}" if client is not None else ""
-            value = rewrite_link(value, route, origin)
-        lines.append(f"{name}: {value}\r\n")
-    return "".join(lines), length
+                length = value.decode("latin-1")
+        elif lname == b"location":
+            text = rewrite_location(value.decode("latin-1"), route)
+            out += (name, b": ", _encode(text), b"\r\n")
+        elif lname == b"link":
+            text = value.decode("latin-1")
+            if route.upstream.url in text:
+                origin = f"{client.scheme}://{client.host}" if client is not None else ""
+                text = rewrite_link(text, route, origin)
+            out += (name, b": ", _encode(text), b"\r\n")
+        elif lname == b"connection":
+            tokens = [t.strip().lower() for t in value.split(b",")]
+            extra = [t for t in tokens if t and t != b"close" and t not in _HOP_BY_HOP_B]
+            if extra:
+                named = (named or []) + extra
+    if named:
+        # Rare: the upstream named fields of its own as hop-by-hop; drop those too.
+        drop = frozenset(named)
+        kept: list[bytes] = []
+        for i in range(0, len(out), 4):
+            if out[i].lower() not in drop:
+                kept += out[i : i + 4]
+        out = kept
+    return b"".join(out), length, has_date
+
+
+def _encode(text: str) -> bytes:
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape")
+
+
+# Never relayed from a stored answer as is: the listener frames the answer itself.
+_FRAMING = frozenset(("content-length",))
 
 
 def stored_head_lines(headers: Iterable[tuple[str, str]], replaced: frozenset[str]) -> str:

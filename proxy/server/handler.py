@@ -30,7 +30,7 @@ from proxy.errors import (
     ProxyError,
     error_body,
 )
-from proxy.headers import HOP_BY_HOP, VIA_VALUE
+from proxy.headers import VIA_VALUE
 from proxy.observe.access import client_request_id, new_request_id, trace_id
 from proxy.observe.metrics import Metrics, RequestRecord, observe_unrouted
 from proxy.server.forwarding import (
@@ -38,7 +38,6 @@ from proxy.server.forwarding import (
     client_head_lines,
     split_target,
     stored_head_lines,
-    upstream_path,
 )
 from proxy.server.protocol import Request, encode_head
 from proxy.server.runtime import RouteRuntime, Runtime
@@ -119,6 +118,7 @@ class ProxyHandler:
         self.metrics = metrics
         self.activity = activity
         self.date = _DateLine(clock)
+        self._randbits = rng.getrandbits  # request IDs: 128 random bits as 32 hex digits
 
     # -- what the connection asks -------------------------------------------------------
     def limits(self) -> Limits:
@@ -141,56 +141,63 @@ class ProxyHandler:
             access.emit(_access_fields(req, None, rid, error.status, "rejected", None, 0.0))
 
     async def handle(self, req: Request) -> None:
+        """One request, from admission to the last byte of its answer (and its metrics and
+        access-log line). Everything a request without a body, a failover route or an
+        interim answer does not need is skipped, not made."""
         activity = self.activity
-        activity.started()
-        try:
-            await self._handle(req)
-        finally:
-            activity.finished()
-
-    # -- one request ------------------------------------------------------------------------
-    async def _handle(self, req: Request) -> None:
+        activity.active += 1  # while > 0 the shutdown's quiet period cannot have begun
         clock = self.clock
         start = clock.now()
         runtime = self._runtime()
-        method = req.method
         incoming = req.headers
-        client_id = client_request_id(incoming.get("X-Request-Id"))
-        rid = client_id or new_request_id(self.rng)
+        given = incoming.get("X-Request-Id")
+        client_id = client_request_id(given) if given is not None else None
+        rid = client_id or f"{self._randbits(128):032x}"
         ident = f"X-Request-Id: {rid}\r\n"  # on every answer (DESIGN §13)
-        try:
-            rt, path_qs = _admit(req, runtime)
-        except ProxyError as exc:
-            outcome = "no-route" if exc.status == 404 else "rejected"
-            duration = clock.now() - start
-            observe_unrouted(self.metrics, method, exc.status, outcome, duration)
-            tail = ident + self.date()
-            _send_error(req, tail, exc.status, exc.reason, exc.route, exc.message, None)
-            access = runtime.access
-            if access is not None and access.wanted(exc.status, outcome, duration):
-                access.emit(_access_fields(req, None, rid, exc.status, outcome, None, duration))
-            return
-
-        record = RequestRecord(method)
+        record: RequestRecord | None = None
         result: Result | None = None
+        rt: RouteRuntime | None = None
         try:
             try:
-                body = await _read_body(req, rt, runtime.config.limits)
+                rt, path_qs = _admit(req, runtime)
             except ProxyError as exc:
-                record.code, record.outcome = exc.status, "rejected"
+                outcome = "no-route" if exc.status == 404 else "rejected"
+                duration = clock.now() - start
+                observe_unrouted(self.metrics, req.method, exc.status, outcome, duration)
                 tail = ident + self.date()
-                _send_error(req, tail, exc.status, exc.reason, rt.name, exc.message, None)
+                _send_error(req, tail, exc.status, exc.reason, exc.route, exc.message, None)
+                access = runtime.access
+                if access is not None and access.wanted(exc.status, outcome, duration):
+                    access.emit(_access_fields(req, None, rid, exc.status, outcome, None, duration))
                 return
-            make_headers = partial(
-                build_upstream_headers,
+            record = RequestRecord(req.method)
+            if req.body is None:
+                body = EMPTY_BODY  # most requests: nothing to read, check or buffer
+            else:
+                try:
+                    body = await _read_body(req, rt, runtime.config.limits)
+                except ProxyError as exc:
+                    record.code, record.outcome = exc.status, "rejected"
+                    tail = ident + self.date()
+                    _send_error(req, tail, exc.status, exc.reason, rt.name, exc.message, None)
+                    return
+            call = Call(
+                req.method,
+                path_qs,
+                partial(
+                    build_upstream_headers,
+                    incoming,
+                    rt.header_plan,
+                    req,
+                    None if client_id is not None else rid,
+                ),
                 incoming,
-                rt.header_plan,
-                req,
-                None if client_id is not None else rid,
+                body,
+                record,
+                None,
             )
-            call = Call(method, path_qs, make_headers, incoming, body, record, None)
             if not req.http10:
-                call.on_interim = partial(_relay_interim, req)
+                call.on_interim = req.relay_interim
             if rt.failover:  # each target builds its own headers (Host, credentials)
                 call.for_target = partial(
                     build_upstream_headers,
@@ -215,26 +222,35 @@ class ProxyHandler:
                 tail = ident + self.date()
                 _send_error(req, tail, error.status, error.reason, rt.name, error.message, None)
                 return
-            attempts = len(record.attempts)
             if result.response is not None:
-                await _stream(req, rt, result, record, attempts, ident, self.date)
+                await _stream(req, rt, result, record, len(record.attempts), ident, self.date)
             else:
-                _local(req, result, rt, record, attempts, ident, self.date)
+                _local(req, result, rt, record, len(record.attempts), ident, self.date)
         except asyncio.CancelledError:
-            record.code, record.outcome = 499, "client-cancelled"
+            if record is not None:
+                record.code, record.outcome = 499, "client-cancelled"
             raise
         finally:
-            if result is not None:
-                if result.writer is not None and record.outcome != "ok":
-                    result.writer.abort()
-                result.discard() if record.outcome == "client-cancelled" else result.finish()
             end = clock.now()
-            rt.metrics.observe(record, end - start, rt.retry_enabled, end)
-            access = runtime.access
-            if access is not None and access.wanted(record.code, record.outcome, end - start):
-                access.emit(
-                    _access_fields(req, rt, rid, record.code, record.outcome, record, end - start)
-                )
+            activity.active -= 1
+            activity.last = end
+            if record is not None:
+                assert rt is not None
+                if result is not None:
+                    if result.writer is not None and record.outcome != "ok":
+                        result.writer.abort()
+                    if record.outcome == "client-cancelled":
+                        result.discard()
+                    elif result.cleanups:
+                        result.finish()
+                rt.metrics.observe(record, end - start, rt.retry_enabled, end)
+                access = runtime.access
+                if access is not None and access.wanted(record.code, record.outcome, end - start):
+                    access.emit(
+                        _access_fields(
+                            req, rt, rid, record.code, record.outcome, record, end - start
+                        )
+                    )
 
 
 def _admit(req: Request, runtime: Runtime) -> tuple[RouteRuntime, str]:
@@ -245,23 +261,26 @@ def _admit(req: Request, runtime: Runtime) -> tuple[RouteRuntime, str]:
         for via in headers.getall("Via"):
             if "resilience-proxy" in via:
                 raise ProxyError(508, "loop", "the request already passed through this proxy")
-    upgrade = headers.get("Upgrade")
-    if upgrade is not None and upgrade.strip().lower() != "h2c":
-        # An h2c offer (`curl --http2`) may be ignored (RFC 9110 §7.8): the request is
-        # served over HTTP/1.1. Anything else (WebSocket) needs a tunnel we do not offer.
-        raise ProxyError(501, "upgrade", "protocol upgrades (WebSocket) are not supported")
+    if "Upgrade" in headers:
+        upgrade = headers["Upgrade"]
+        if upgrade.strip().lower() != "h2c":
+            # An h2c offer (`curl --http2`) may be ignored (RFC 9110 §7.8): the request is
+            # served over HTTP/1.1. Anything else (WebSocket) needs a tunnel we do not offer.
+            raise ProxyError(501, "upgrade", "protocol upgrades (WebSocket) are not supported")
     path, query = split_target(req.target)
     rt = runtime.match(path, req.host, req.method)
     if rt is None:
         raise ProxyError(404, "no-route", "no route matches this request")
-    return rt, upstream_path(rt.route, path) + query
+    rest = path[rt.strip :] if rt.strip else path
+    if rest.startswith("/"):
+        rest = rest.lstrip("/")
+    return rt, f"{rt.path_base}/{rest}{query}"
 
 
 async def _read_body(req: Request, rt: RouteRuntime, limits: Limits) -> RequestBody:
     """The request body, read under the limits of the config the request started with."""
     stream = req.body
-    if stream is None:
-        return EMPTY_BODY  # most requests: nothing to read, check or buffer
+    assert stream is not None
     replay = rt.replay_body
     fallback = rt.route.fallback
     method = req.method
@@ -291,15 +310,6 @@ def _client_body_error(exc: Exception, limits: Limits) -> ProxyError:
     return ProxyError.bad_request("the request body could not be parsed")
 
 
-def _relay_interim(req: Request, status: int, headers: list[tuple[str, str]]) -> None:
-    """103 Early Hints to an HTTP/1.1 client, hop-by-hop fields removed; other 1xx are
-    consumed. Not a response byte for retry, failover or fallback decisions."""
-    if status != 103:
-        return
-    lines = "".join(f"{n}: {v}\r\n" for n, v in headers if n.lower() not in HOP_BY_HOP)
-    req.send_interim(103, lines)
-
-
 async def _stream(
     req: Request,
     rt: RouteRuntime,
@@ -314,19 +324,15 @@ async def _stream(
     status = upstream.status
     record.code = status
     record.outcome = "upstream-status" if status >= 500 or status == 429 else "ok"
-    up_headers = upstream.headers
     target = record.target
-    lines, length = client_head_lines(
-        up_headers.items(), up_headers.getall("Connection", []), rt.target_routes[target], req
+    lines, length, has_date = client_head_lines(upstream.raw, rt.target_routes[target], req)
+    # A proxy appends the Date an upstream left out (RFC 9110 §6.6.1).
+    tail = (
+        f"X-Resilience-Attempts: {attempts}\r\n{ident}"
+        if has_date
+        else (f"{date()}X-Resilience-Attempts: {attempts}\r\n{ident}")
     )
-    if "Date" not in up_headers:
-        lines += date()  # a proxy appends the Date an upstream left out (RFC 9110 §6.6.1)
-    head = b"".join(
-        (
-            encode_head(f"{lines}X-Resilience-Attempts: {attempts}\r\n{ident}"),
-            rt.head_suffixes[target],
-        )
-    )
+    head = b"".join((lines, tail.encode("latin-1"), rt.head_suffixes[target]))
     writer = result.writer
     content = upstream.content
     if req.method == "HEAD" or status in _NO_BODY_STATUSES:

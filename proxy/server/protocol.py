@@ -60,7 +60,7 @@ from multidict import CIMultiDict
 
 from proxy.config.model import Limits
 from proxy.errors import BadRequestBody, BodyTooLarge, ClientBodyTimeout, ProxyError, error_body
-from proxy.headers import VIA_VALUE
+from proxy.headers import HOP_BY_HOP, VIA_VALUE
 from proxy.observe import log
 
 BODY_HIGH_WATER = 64 * 1024  # buffered request body bytes at which reading pauses
@@ -334,6 +334,14 @@ class Request:
         if self.head_sent or self.done or self.http10:
             return
         self._conn._write(status_line(status, "") + encode_head(lines) + b"\r\n")
+
+    def relay_interim(self, status: int, headers: list[tuple[str, str]]) -> None:
+        """An upstream's interim answer: 103 Early Hints goes on, hop-by-hop fields removed;
+        other 1xx are consumed. Not a response byte for retry, failover or fallback."""
+        if status != 103:
+            return
+        lines = "".join(f"{n}: {v}\r\n" for n, v in headers if n.lower() not in HOP_BY_HOP)
+        self.send_interim(103, lines)
 
     def _framing(self, length: str | None, has_body: bool) -> bytes:
         """Content-Length / chunked / close-delimited, and the Connection header."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from proxy.cache import FallbackStore
 from proxy.clock import Clock, Rng
@@ -61,6 +61,9 @@ class RouteRuntime:
     # Per target: the response header lines every answer from it ends with (Via, and
     # on a failover route X-Resilience-Upstream), built once here.
     head_suffixes: tuple[bytes, ...]
+    # The upstream path is `path_base + "/" + path[strip:].lstrip("/")` (DESIGN §5).
+    path_base: str = ""
+    strip: int = 0
 
     def matches(self, path: str, host: str, method: str) -> bool:
         prefix = self.prefix  # segment-wise: /api (or /api/) matches /api and /api/x, not /apix
@@ -88,12 +91,39 @@ class Runtime:
     routes: tuple[RouteRuntime, ...]
     loaded_at: float  # wall time
     access: AccessLog | None = None  # None: access_log disabled, no work per request
+    # The routes that can match a path, by the path's first segment, in config order (a
+    # route whose prefix is "/" is a candidate everywhere); `_anywhere` for other segments.
+    _by_segment: dict[str, tuple[RouteRuntime, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    _anywhere: tuple[RouteRuntime, ...] = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        anywhere = tuple(rt for rt in self.routes if not rt.prefix)
+        segments = {_first_segment(rt.prefix) for rt in self.routes if rt.prefix}
+        index = {
+            seg: tuple(
+                rt for rt in self.routes if not rt.prefix or _first_segment(rt.prefix) == seg
+            )
+            for seg in segments
+        }
+        object.__setattr__(self, "_by_segment", index)
+        object.__setattr__(self, "_anywhere", anywhere)
 
     def match(self, path: str, host: str, method: str) -> RouteRuntime | None:
-        for rt in self.routes:
+        """The first route in config order that matches (only the candidates for the
+        path's first segment are tried: one dict lookup, then usually one route)."""
+        end = path.find("/", 1)
+        segment = path[1:] if end < 0 else path[1:end]
+        for rt in self._by_segment.get(segment, self._anywhere):
             if rt.matches(path, host, method):
                 return rt
         return None
+
+
+def _first_segment(prefix: str) -> str:
+    """`/api/v1` → `api` (prefixes start with "/", trailing slash already stripped)."""
+    return prefix[1:].partition("/")[0]
 
 
 class Registry:
@@ -308,6 +338,8 @@ def compile_runtime(
                 idempotency_header=idempotency,
                 replay_body=replay,
                 head_suffixes=tuple(_head_suffix(t.name if failover else None) for t in targets),
+                path_base=route.upstream.base_path.rstrip("/"),
+                strip=len(route.match.path_prefix.rstrip("/")) if route.strip_prefix else 0,
             )
         )
     registry.prune(config)
