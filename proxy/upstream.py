@@ -820,9 +820,11 @@ class UpstreamClient:
             if not chunk:
                 continue
             if chunked:
-                transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                # one writev, without copying the chunk into its framing
+                transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
             else:
                 transport.write(chunk)
+            del chunk  # the transport holds it until written; the loop need not
             await conn.drain()  # the upstream reads slower than the client sends
         transport = conn.transport
         if chunked and transport is not None and not transport.is_closing():

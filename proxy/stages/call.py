@@ -83,6 +83,7 @@ class RequestBody:
             if not chunk:
                 return
             yield chunk
+            del chunk  # not kept alive while the next one is awaited
 
 
 async def prepare_body(
