@@ -23,6 +23,7 @@ import concurrent.futures
 import contextlib
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import re
@@ -57,8 +58,11 @@ BLOB_BYTES = 256 * 1024  # --cache-fill entry size
 BIG_BYTES = 64 * 1024  # the 64 KiB response rows
 UPLOAD_BYTES = 1024 * 1024  # the 1 MiB upload rows
 UPLOAD_RSS_BUDGET_KIB = 4 * 1024  # the proxy's RSS may grow by this much while streaming them
-IDLE_RSS_BUDGET_KIB = 60 * 1000  # "idle RSS ≤ 60 MB"
+IDLE_RSS_BUDGET_KIB = 60 * 1000  # "idle RSS ≤ 60 MB", read in /proc's kB (KiB): 58.6 MiB
 MANY_ROUTES = 100  # routes in the generated config of the memory rows
+MEMORY_FIRST = 10_000  # RSS after this many requests is the memory section's reference
+MEMORY_ROUND_SECONDS = 20  # longest wrk run of the memory section (RSS read between runs)
+MEMORY_RATE_GUESS = 2000.0  # req/s assumed before the first memory round measured it
 OPEN_LOOP_RATES = (1000, 2000)  # requests/s of the open-loop rows
 CACHE_BUDGET = 64 * 1024 * 1024  # cache.max_bytes in the cache-fill config
 RSS_BASE_BUDGET = 64 * 1024 * 1024  # the proxy's own budget beside the cache (issue 5)
@@ -1530,8 +1534,9 @@ def many_routes_config(values: Mapping[str, object], routes: int = MANY_ROUTES) 
 
 # wrk spreads GETs over the routes (10 paths each, so the fallback store holds 1,000
 # small entries after the first few thousand requests) and stops after LIMIT answers.
+# START carries the sequence on from the previous round.
 SPREAD_LUA = """\
-local i = 0
+local i = @{start}
 local seen = 0
 local routes = @{routes}
 local limit = @{limit}
@@ -1546,11 +1551,62 @@ end
 """
 
 
-def spread_requests(env: Env, base: str, count: int, connections: int) -> WrkResult:
-    script = env.tmp / "spread.lua"
-    script.write_text(render(SPREAD_LUA, {"routes": MANY_ROUTES, "limit": count}))
-    bound = max(30, count // 500)  # seconds: far above what `count` requests need
-    return run_wrk(f"{base}/", bound, connections, env.load_core, script)
+def round_seconds(remaining: int, rate: float, cap: int = MEMORY_ROUND_SECONDS) -> int:
+    """wrk's `-d` for the next memory round: `remaining` requests at `rate` req/s plus 20 %
+    and 1 s of slack, in whole seconds, between 2 and `cap`. wrk waits out its whole `-d`
+    even after the Lua script stopped its thread at the limit, so a duration far above what
+    the requests need is idle time (what made 1,000,000 requests take half an hour); one
+    too short only costs another round."""
+    if rate <= 0:
+        return cap
+    return max(2, min(cap, math.ceil(remaining / rate * 1.2) + 1))
+
+
+@dataclass
+class Spread:
+    """Requests sent so far by `spread_requests`, and what they cost."""
+
+    requests: int = 0
+    unexpected: int = 0  # non-2xx/3xx answers and socket errors
+    rounds: int = 0
+    rate: float = MEMORY_RATE_GUESS  # req/s of the last round that ran its whole duration
+    samples: list[tuple[int, int | None]] = field(default_factory=list)  # (requests, VmRSS)
+
+    def add(self, result: WrkResult, seconds: int, limit: int) -> None:
+        """One wrk round of `seconds` that stopped at `limit` answers or ran out of time."""
+        self.requests += result.requests
+        self.unexpected += result.non_2xx_3xx + result.socket_errors
+        self.rounds += 1
+        if result.requests < limit and seconds > 0:
+            self.rate = max(1.0, result.requests / seconds)  # it ran the whole `-d`
+
+
+def spread_requests(
+    env: Env, base: str, count: int, connections: int, spread: Spread, pid: int
+) -> None:
+    """Send `count` more GETs over the routes in rounds of at most MEMORY_ROUND_SECONDS
+    (wrk pinned like the other rows), sampling the proxy's VmRSS after each round."""
+    goal = spread.requests + count
+    while spread.requests < goal:
+        remaining = goal - spread.requests
+        seconds = round_seconds(remaining, spread.rate)
+        script = env.tmp / "spread.lua"
+        script.write_text(
+            render(
+                SPREAD_LUA, {"routes": MANY_ROUTES, "limit": remaining, "start": spread.requests}
+            )
+        )
+        result = run_wrk(f"{base}/", seconds, connections, env.load_core, script)
+        if result.requests == 0:
+            raise RuntimeError(f"the memory round sent no request in {seconds}s")
+        spread.add(result, seconds, remaining)
+        rss = memory_kib(pid)["VmRSS"]
+        spread.samples.append((spread.requests, rss))
+        print(
+            f"memory: {spread.requests:,} requests (+{result.requests:,} in a {seconds} s "
+            f"round), VmRSS {_mib(rss)}",
+            file=sys.stderr,
+        )
 
 
 def many_routes(env: Env, args: argparse.Namespace) -> dict[str, Any]:
@@ -1573,30 +1629,28 @@ def many_routes(env: Env, args: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError(f"route r042 answers {reply.status}")
     time.sleep(1.0)
     idle = memory_kib(proxy.pid)
-    first = min(10_000, args.memory_requests)
+    first = min(MEMORY_FIRST, args.memory_requests)
     print(f"memory: {first} requests over {MANY_ROUTES} routes", file=sys.stderr)
-    early = spread_requests(env, base, first, args.connections)
+    spread = Spread()
+    started = time.monotonic()
+    spread_requests(env, base, first, args.connections, spread, proxy.pid)
     after_first = memory_kib(proxy.pid)
-    rest = max(0, args.memory_requests - early.requests)
-    late = None
+    first_requests = spread.requests
+    rest = max(0, args.memory_requests - spread.requests)
     if rest:
         print(f"memory: {rest} more requests", file=sys.stderr)
-        late = spread_requests(env, base, rest, args.connections)
+        spread_requests(env, base, rest, args.connections, spread, proxy.pid)
+    seconds = time.monotonic() - started
     after_all = memory_kib(proxy.pid)
-    total = early.requests + (late.requests if late else 0)
-    bad = (
-        early.non_2xx_3xx
-        + early.socket_errors
-        + (late.non_2xx_3xx + late.socket_errors if late else 0)
-    )
+    total = spread.requests
     cache = proxy_status(env).get("cache", {})
     found = memory_checks(idle, after_first, after_all, total)
     print()
     print(
-        f"RSS over {MANY_ROUTES} routes: idle {_mib(idle['VmRSS'])}, after {early.requests} "
+        f"RSS over {MANY_ROUTES} routes: idle {_mib(idle['VmRSS'])}, after {first_requests} "
         f"requests {_mib(after_first['VmRSS'])}, after {total} {_mib(after_all['VmRSS'])} "
-        f"(peak {_mib(after_all['VmHWM'])}); {bad} unexpected answers; cache "
-        f"{cache.get('entries')} entries"
+        f"(peak {_mib(after_all['VmHWM'])}); {spread.unexpected} unexpected answers; cache "
+        f"{cache.get('entries')} entries; {spread.rounds} wrk rounds in {seconds:.0f} s"
     )
     for c in found:
         verdict = {True: "PASS", False: "FAIL", None: "info"}[c.ok]
@@ -1604,11 +1658,13 @@ def many_routes(env: Env, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "routes": MANY_ROUTES,
         "requests": total,
-        "unexpected": bad,
+        "unexpected": spread.unexpected,
         "idle_kib": idle,
         "after_first_kib": after_first,
-        "first_requests": early.requests,
+        "first_requests": first_requests,
         "after_all_kib": after_all,
+        "rss_samples_kib": spread.samples,
+        "seconds": seconds,
         "cache": cache,
         "checks": [asdict(c) for c in found],
     }
@@ -1631,8 +1687,8 @@ def memory_checks(
         out.append(
             Check(
                 "idle RSS (100 routes)",
-                f"{idle_rss * 1024 / 1e6:.1f} MB",
-                "≤ 60 MB",
+                f"{idle_rss:,} kB ({idle_rss / 1024:.1f} MiB, {idle_rss * 1024 / 1e6:.1f} MB)",
+                f"≤ {IDLE_RSS_BUDGET_KIB:,} kB, /proc's unit",
                 idle_rss <= IDLE_RSS_BUDGET_KIB,
             )
         )
@@ -1756,7 +1812,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cache_fill:
             result = cache_fill(env, args)
         else:
-            result = throughput(env, args)
+            if args.sections & {"throughput", "openloop"}:
+                result = throughput(env, args)
+            else:
+                result = {"mode": "memory"}  # only the memory section: no other server
             if "memory" in args.sections:
                 result["memory"] = many_routes(env, args)
     except (

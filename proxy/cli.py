@@ -150,9 +150,24 @@ async def _serve(config: object, path: str) -> int:
         await app.close()
         return 1
     app.install_signal_handlers()
+    trim_heap()
     await app.wait_stopped()
     await app.drain_and_stop()
     return 0
+
+
+def trim_heap() -> bool:
+    """Give the C heap's free pages back to the OS (glibc's `malloc_trim(0)`); False where
+    there is no such call (musl, macOS). Loading and compiling the config frees about 2 MB
+    that glibc would otherwise keep in the RSS for the life of the process."""
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim(0)
+    return True
 
 
 def _address(host: str, port: int) -> str:

@@ -108,7 +108,10 @@ class BadRequestBody(Exception):
 
 
 @functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=1024)
 def error_body(reason: str, route: str, message: str) -> bytes:
+    """The JSON body of one of the proxy's own errors (cached: the same few are sent over
+    and over while a breaker is open or a bulkhead is full)."""
     return json.dumps(
         {"error": {"reason": reason, "route": route, "message": message}}, separators=(",", ":")
     ).encode()

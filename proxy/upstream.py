@@ -49,7 +49,7 @@ import re
 import socket
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -64,10 +64,16 @@ MAX_HEAD_BYTES = 64 * 1024  # response head (interim responses included) larger 
 _BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))  # get an explicit Content-Length: 0
 _IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE"))  # resent after a stale race
 _IDEMPOTENCY_HEADERS = ("Idempotency-Key", "X-Idempotency-Key")
+_IDEMPOTENCY_NAMES = frozenset(name.lower() for name in _IDEMPOTENCY_HEADERS)
+_FRAMING_FIELDS = frozenset(("content-length", "transfer-encoding"))
+_FRAMING_FIELDS_AUTH = _FRAMING_FIELDS | {"authorization"}
 _HEAD_END = b"\r\n\r\n"
 _ERRNO = re.compile(r"\[Errno (\d+)\]")
 
 Body = bytes | AsyncIterator[bytes] | None
+# Request headers: a multidict, or (name, value) pairs in order (what the proxy passes:
+# no framing field among them, and never changed here).
+RequestHeaders = CIMultiDict[str] | list[tuple[str, str]]
 InterimHook = Callable[[int, list[tuple[str, str]]], Awaitable[None] | None]
 
 
@@ -671,18 +677,31 @@ class UpstreamClient:
                 waiter.set_result(None)
                 return
 
+    def _take_idle(self) -> _Connection | None:
+        """The most recently pooled connection that is still usable, if any (no await)."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            conn.pooled = False
+            if conn.alive and conn.keep_alive:
+                return conn
+            self._discard(conn)
+        return None
+
     # -- one attempt -------------------------------------------------------------------------
     async def send(
         self,
         method: str,
         path_and_query: str,
-        headers: CIMultiDict[str],
+        headers: RequestHeaders,
         body: Body,
         length: int | None = None,
         *,
         on_interim: InterimHook | None = None,
     ) -> UpstreamResponse:
-        conn = await self._acquire()
+        conn = self._take_idle()
+        if conn is None:
+            conn = await self._acquire()
         stream = _Stream(body) if body is not None and not isinstance(body, bytes) else None
         head = self._head(method, path_and_query, headers, body, length)
         payload = body if isinstance(body, bytes) else b""
@@ -717,7 +736,7 @@ class UpstreamClient:
         conn: _Connection,
         exc: UpstreamFailure,
         method: str,
-        headers: CIMultiDict[str],
+        headers: RequestHeaders,
         stream: _Stream | None,
         written: bool,
     ) -> bool:
@@ -729,31 +748,44 @@ class UpstreamClient:
             return False
         if not written:
             return True
-        return method in _IDEMPOTENT or any(name in headers for name in _IDEMPOTENCY_HEADERS)
+        if method in _IDEMPOTENT:
+            return True
+        if isinstance(headers, list):
+            return any(n.lower() in _IDEMPOTENCY_NAMES for n, _ in headers)
+        return any(name in headers for name in _IDEMPOTENCY_HEADERS)
 
     def _head(
         self,
         method: str,
         target: str,
-        headers: CIMultiDict[str],
+        headers: RequestHeaders,
         body: Body,
         length: int | None,
     ) -> bytes:
-        if self._auth is not None:
-            headers["Authorization"] = self._auth
         if body is None:
-            if method in _BODY_METHODS:
-                headers["Content-Length"] = "0"
+            framing = "Content-Length: 0\r\n\r\n" if method in _BODY_METHODS else "\r\n"
         elif isinstance(body, bytes):
-            headers["Content-Length"] = str(len(body))
+            framing = f"Content-Length: {len(body)}\r\n\r\n"
         elif length is not None:
-            headers["Content-Length"] = str(length)
+            framing = f"Content-Length: {length}\r\n\r\n"
         else:
-            headers["Transfer-Encoding"] = "chunked"
+            framing = "Transfer-Encoding: chunked\r\n\r\n"
+        auth = self._auth
+        if isinstance(headers, CIMultiDict) or auth is not None:
+            # Set here, from the body (and the URL's userinfo), whatever the caller passed.
+            drop = _FRAMING_FIELDS if auth is None else _FRAMING_FIELDS_AUTH
+            pairs: Iterable[tuple[str, str]] = (
+                headers.items() if isinstance(headers, CIMultiDict) else headers
+            )
+            fields = [(n, v) for n, v in pairs if n.lower() not in drop]
+        else:
+            fields = headers
         parts = [method, " ", target, " HTTP/1.1\r\n"]
-        for name, value in headers.items():
+        for name, value in fields:
             parts += (name, ": ", value, "\r\n")
-        parts.append("\r\n")
+        if auth is not None:
+            parts += ("Authorization: ", auth, "\r\n")
+        parts.append(framing)
         text = "".join(parts)
         try:
             return text.encode("latin-1")
@@ -788,9 +820,11 @@ class UpstreamClient:
             if not chunk:
                 continue
             if chunked:
-                transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                # one writev, without copying the chunk into its framing
+                transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
             else:
                 transport.write(chunk)
+            del chunk  # the transport holds it until written; the loop need not
             await conn.drain()  # the upstream reads slower than the client sends
         transport = conn.transport
         if chunked and transport is not None and not transport.is_closing():

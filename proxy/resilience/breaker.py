@@ -218,9 +218,11 @@ class Breaker:
     def acquire(self) -> Permit | None:
         """A permit for one attempt, or None when the breaker rejects it (open, forced open,
         or every half-open trial permit taken). The caller counts rejections."""
+        if self._state is _S.CLOSED:
+            return self._permit  # the common case: nothing is due while closed
         now = self._clock.now()
         self._poll(now)
-        state = self._state
+        state: BreakerState = self._state  # _poll may have moved it (open → half-open)
         if state is _S.CLOSED or state is _S.FORCED_CLOSED or state is _S.DISABLED:
             return self._permit
         if state is _S.FORCED_OPEN:
@@ -257,12 +259,28 @@ class Breaker:
         earlier generation are dropped."""
         if not permit.records:
             return
+        failed = self._is_failure(outcome)
+        slow = self._is_slow(outcome)
+        if (
+            self._state is _S.CLOSED
+            and not failed
+            and not slow
+            and permit.generation == self._generation
+        ):
+            # The common case: a success while closed (nothing is due while closed). It
+            # can trip the breaker only through a window that holds failures or slow
+            # calls (a success may bring the window to its `min_calls`).
+            self._consecutive = 0
+            window = self._window
+            if window is not None and window.record(False, False):
+                reason = self._trip_reason()
+                if reason is not None:
+                    self._open(self._clock.now(), reason, retrip=False)
+            return
         now = self._clock.now()
         self._poll(now)
         if permit.generation != self._generation:
             return
-        failed = self._is_failure(outcome)
-        slow = self._is_slow(outcome)
         state = self._state
         if state is _S.HALF_OPEN:
             if self._trials.pop(permit.token, None) is None:

@@ -44,6 +44,13 @@ class Bulkhead:
         """Callers waiting for a slot now."""
         return len(self._waiters)
 
+    def try_acquire(self) -> bool:
+        """Take a free slot now if there is one and nobody queues for it (no await)."""
+        if self._in_flight < self._policy.max_concurrent and not self._waiters:
+            self._in_flight += 1
+            return True
+        return False
+
     async def acquire(self, time_left: float | None = None) -> bool:
         """Take a slot: True when held (call `release` exactly once), False when rejected
         (queue full, or no slot within min(queue_timeout, time_left) seconds)."""

@@ -44,7 +44,7 @@ def result_for_status(status: int) -> AttemptResult:
     return AttemptResult.STATUS if status >= 500 or status == 429 else AttemptResult.OK
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Attempt:
     """The outcome of one upstream attempt, as the breaker and the retry stage see it.
 
@@ -53,6 +53,9 @@ class Attempt:
     connection), which makes a retry safe for any method. `duration` is seconds from the
     attempt's start to its response headers or failure. `retry_after` is the server's
     requested wait in seconds (see `backoff.server_wait`), or None.
+
+    Not frozen (nothing changes one once made): a frozen dataclass pays a
+    `object.__setattr__` per field, and one is made for every proxied request.
     """
 
     result: AttemptResult

@@ -21,7 +21,10 @@ WindowShape = tuple[Literal["time", "count"], int]
 
 
 class OutcomeWindow(Protocol):
-    def record(self, failed: bool, slow: bool) -> None: ...
+    def record(self, failed: bool, slow: bool) -> bool:
+        """Add one outcome; True when the window now holds a failure or a slow call (so a
+        breaker need not evaluate its trip rules after a success in a clean window)."""
+        ...
 
     @property
     def calls(self) -> int: ...
@@ -75,16 +78,18 @@ class TimeWindow:
             self._head = second
         return second % self._size
 
-    def record(self, failed: bool, slow: bool) -> None:
+    def record(self, failed: bool, slow: bool) -> bool:
         slot = self._roll()
+        totals = self._totals
         self._calls[slot] += 1
-        self._totals[0] += 1
+        totals[0] += 1
         if failed:
             self._failures[slot] += 1
-            self._totals[1] += 1
+            totals[1] += 1
         if slow:
             self._slow[slot] += 1
-            self._totals[2] += 1
+            totals[2] += 1
+        return bool(totals[1] or totals[2])
 
     @property
     def calls(self) -> int:
@@ -142,7 +147,7 @@ class CountWindow:
         self._failures = 0
         self._slow = 0
 
-    def record(self, failed: bool, slow: bool) -> None:
+    def record(self, failed: bool, slow: bool) -> bool:
         if self._calls == self._size:
             old = self._ring[self._next]
             self._failures -= old & _FAILED
@@ -154,6 +159,7 @@ class CountWindow:
         self._failures += failed
         self._slow += slow
         self._next = (self._next + 1) % self._size
+        return bool(self._failures or self._slow)
 
     @property
     def calls(self) -> int:

@@ -78,6 +78,14 @@ class ClientInfo(Protocol):
     def host(self) -> str: ...
 
 
+_FORWARDED_SET = frozenset(("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"))
+_NO_PEER_SET = frozenset(("x-forwarded-proto", "x-forwarded-host"))
+
+# The request headers sent upstream: (name, value) pairs in order (what `UpstreamClient.send`
+# serialises; it adds the framing fields itself).
+HeaderList = list[tuple[str, str]]
+
+
 @dataclass(frozen=True, slots=True)
 class HeaderPlan:
     """Per-upstream header rewriting, computed once when a config is compiled."""
@@ -87,6 +95,8 @@ class HeaderPlan:
     host: str
     forwarded: bool
     request_id: bool  # send a generated X-Request-Id
+    # `skip` plus the X-Forwarded-* fields the proxy sets itself (when `forwarded`)
+    skip_forwarded: frozenset[str] = frozenset()
 
     @classmethod
     def for_upstream(cls, upstream: Upstream) -> HeaderPlan:
@@ -94,7 +104,12 @@ class HeaderPlan:
         skip = HOP_BY_HOP | {"host", "expect", "content-length"}
         skip |= {name for name, _ in upstream.headers}
         return cls(
-            skip, upstream.headers, upstream.host, upstream.forwarded_headers, upstream.request_id
+            skip,
+            upstream.headers,
+            upstream.host,
+            upstream.forwarded_headers,
+            upstream.request_id,
+            skip | _FORWARDED_SET,
         )
 
 
@@ -103,14 +118,23 @@ def build_upstream_headers(
     plan: HeaderPlan,
     client: ClientInfo,
     generated_id: str | None = None,
-) -> CIMultiDict[str]:
+) -> HeaderList:
     """The request headers to send upstream (DESIGN §5 "Headers"); `generated_id` is the
     request ID the proxy made up (the client sent none), sent where the upstream wants it."""
-    skip = plan.skip
-    if "Connection" in incoming:
-        skip = skip | connection_tokens(incoming)
     forwarded = plan.forwarded
-    out: CIMultiDict[str] = CIMultiDict()
+    client_ip = client.remote if forwarded else None
+    if forwarded:
+        # Set by the proxy below; a client's X-Forwarded-For is kept only when the proxy
+        # has no peer address to append.
+        skip = plan.skip_forwarded if client_ip else plan.skip | _NO_PEER_SET
+    else:
+        skip = plan.skip
+    send_id = generated_id is not None and plan.request_id
+    if send_id or "Connection" in incoming:
+        skip = skip | connection_tokens(incoming)
+        if send_id:
+            skip = skip | {"x-request-id"}  # the client's was unusable: ours replaces it
+    out: HeaderList = []
     for name, value in incoming.items():
         lname = name.lower()
         if lname in skip:
@@ -120,27 +144,24 @@ def build_upstream_headers(
             or (not forwarded and lname.startswith("x-forwarded-"))
         ):
             continue
-        out.add(name, value)
-    out["Host"] = plan.host
-    for name, value in plan.injected:
-        out[name] = value
-    out.add("Via", VIA_VALUE)
-    if generated_id is not None and plan.request_id:
-        out["X-Request-Id"] = generated_id
+        out.append((name, value))
+    out.append(("Host", plan.host))
+    out += plan.injected
+    out.append(("Via", VIA_VALUE))
+    if send_id:
+        assert generated_id is not None
+        out.append(("X-Request-Id", generated_id))
     if forwarded:
-        client_ip = client.remote
         if client_ip:
             prior = incoming.get("X-Forwarded-For")
-            out["X-Forwarded-For"] = f"{prior}, {client_ip}" if prior else client_ip
-        out["X-Forwarded-Proto"] = client.scheme
+            out.append(("X-Forwarded-For", f"{prior}, {client_ip}" if prior else client_ip))
+        out.append(("X-Forwarded-Proto", client.scheme))
         client_host = client.host
         if client_host:
-            out["X-Forwarded-Host"] = client_host
+            out.append(("X-Forwarded-Host", client_host))
+        elif "X-Forwarded-Host" in incoming:
+            out.append(("X-Forwarded-Host", incoming["X-Forwarded-Host"]))
     return out
-
-
-# Never relayed from an upstream answer as is: the listener frames the answer itself.
-_FRAMING = frozenset(("content-length",))
 
 
 # Response fields the head builder looks at (lower-case bytes): dropped (hop-by-hop, and
@@ -203,6 +224,10 @@ def _encode(text: str) -> bytes:
         return text.encode("latin-1")
     except UnicodeEncodeError:
         return text.encode("utf-8", "surrogateescape")
+
+
+# Never relayed from a stored answer as is: the listener frames the answer itself.
+_FRAMING = frozenset(("content-length",))
 
 
 def stored_head_lines(headers: Iterable[tuple[str, str]], replaced: frozenset[str]) -> str:

@@ -20,7 +20,10 @@ What one connection guarantees:
 - **Order**: requests are handled one at a time, answers leave in request order.
   Pipelined requests are queued (reading pauses while one waits).
 - **Flow control**: a request body is buffered up to `BODY_HIGH_WATER`, then reading pauses
-  until the handler (and so the upstream) has consumed it. Writes respect the transport's
+  until the handler (and so the upstream) has consumed it and asks for more: reading
+  resumes only while a reader waits, so a connection holds about one read's worth of body
+  (uvloop reads up to 256,000 bytes at a time), never one chunk being written upstream
+  plus the next. Writes respect the transport's
   write-buffer limits: `Response.write` waits for `resume_writing` once the buffer passes
   `WRITE_HIGH_WATER`, so a slow reader never makes the proxy buffer without bound.
 - **Disconnects**: when the client goes away, the running request's task is cancelled at
@@ -60,7 +63,7 @@ from proxy.errors import BadRequestBody, BodyTooLarge, ClientBodyTimeout, ProxyE
 from proxy.headers import HOP_BY_HOP, VIA_VALUE
 from proxy.observe import log
 
-BODY_HIGH_WATER = 256 * 1024  # buffered request body bytes before reading pauses
+BODY_HIGH_WATER = 64 * 1024  # buffered request body bytes at which reading pauses
 WRITE_HIGH_WATER = 64 * 1024  # transport write buffer before writers wait
 LINGER = 2.0  # seconds a closing connection keeps dropping what the client still sends
 PEER_WATCH_INTERVAL = 0.5  # seconds between checks that a paused client is still there
@@ -137,7 +140,13 @@ class _Refused(Exception):
 class BodyStream:
     """The request body as it arrives: `readany()` returns what is buffered (b"" at the
     end), waiting at most `gap` seconds for more; it raises `ClientBodyTimeout` after a
-    longer gap and `BodyTooLarge` once more than the limit arrived."""
+    longer gap and `BodyTooLarge` once more than the limit arrived.
+
+    Flow control is pulled by the reader: reading pauses once `BODY_HIGH_WATER` bytes are
+    buffered and resumes only when `readany` finds the buffer empty and waits. Taking a
+    chunk does not resume it, so while the reader writes that chunk upstream (and waits
+    for the upstream to drain it) the next one stays in the kernel's socket buffer instead
+    of in ours: one upload holds about one read of body in memory, not two."""
 
     __slots__ = (
         "_conn",
@@ -172,12 +181,13 @@ class BodyStream:
             return
         self._parts.append(data)
         self._size += len(data)
-        if self._size > BODY_HIGH_WATER:
+        if self._size >= BODY_HIGH_WATER:
             self._conn._pause(_PAUSE_BODY)
         self._wake()
 
     def feed_eof(self) -> None:
         self.eof = True
+        self._conn._resume(_PAUSE_BODY)  # no body bytes are left to hold back
         self._wake()
 
     def fail(self, exc: BaseException) -> None:
@@ -204,14 +214,10 @@ class BodyStream:
             if self._error is not None:
                 raise self._error
             if self._parts:
-                parts = self._parts
-                data = parts[0] if len(parts) == 1 else b"".join(parts)
-                self._parts = []
-                self._size = 0
-                self._conn._resume(_PAUSE_BODY)
-                return data
+                return self._take()
             if self.eof:
                 return b""
+            self._conn._resume(_PAUSE_BODY)  # the reader wants more: read again
             waiter = self._waiter = asyncio.get_running_loop().create_future()
             if self._gap is None:
                 await waiter
@@ -221,6 +227,26 @@ class BodyStream:
                 await waiter
             finally:
                 timer.cancel()
+
+    def _take(self) -> bytes:
+        """The buffered parts, joined while they fit `BODY_HIGH_WATER` (many small chunks of
+        a chunked body become one write); a part larger than that goes alone, uncopied."""
+        parts = self._parts
+        first = parts[0]
+        if len(parts) == 1 or len(first) + len(parts[1]) > BODY_HIGH_WATER:
+            del parts[0]
+            self._size -= len(first)
+            return first
+        count, size = 0, 0
+        for part in parts:
+            if size + len(part) > BODY_HIGH_WATER:
+                break
+            size += len(part)
+            count += 1
+        data = b"".join(parts[:count])
+        del parts[:count]
+        self._size -= size
+        return data
 
     def _timed_out(self, waiter: asyncio.Future[None]) -> None:
         if not waiter.done():
@@ -440,8 +466,10 @@ class HttpConnection(asyncio.Protocol):
         self._parsing: Request | None = None
         self._in_head = False
         self._url = b""
-        self._raw_headers: list[tuple[str, str]] = []
+        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._underscores = False  # a field name of this head contains "_"
         self._head_size = 0
+        self._max_head = 0  # max_header_bytes of the request being parsed
         self._raw_head = 0
         # Requests whose head arrived, oldest first; the first is the one being handled.
         self._queue: deque[Request] = deque()
@@ -678,34 +706,43 @@ class HttpConnection(asyncio.Protocol):
 
     # -- parser callbacks: the request state machine ------------------------------------
     def on_message_begin(self) -> None:
-        self._limits = self._app.limits()
-        self._parsing = Request(self, self._limits)
+        limits = self._limits = self._app.limits()
+        self._max_head = limits.max_header_bytes
+        self._parsing = Request(self, limits)
         self._in_head = True
         self._url = b""
         self._raw_headers = []
+        self._underscores = False
         self._head_size = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
         self._head_size += len(url) + 16
-        if self._head_size > self._limits.max_header_bytes:
-            raise _Refused(ProxyError.head_too_large(self._limits.max_header_bytes))
+        if self._head_size > self._max_head:
+            raise _Refused(ProxyError.head_too_large(self._max_head))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:
-            return  # a trailer field: dropped (Trailer is hop-by-hop)
-        self._head_size += len(name) + len(value) + 4
-        if self._head_size > self._limits.max_header_bytes:
-            raise _Refused(ProxyError.head_too_large(self._limits.max_header_bytes))
-        if value and value[-1] in (32, 9):
-            value = value.rstrip(b" \t")
-        if b"_" in name:
+        # Called once per field: only what must happen while parsing (the size limit);
+        # the rest is done for the whole head in on_headers_complete.
+        if self._in_head:  # else a trailer field: dropped (Trailer is hop-by-hop)
+            self._raw_headers.append((name, value))
+            self._head_size += len(name) + len(value) + 4
+            if self._head_size > self._max_head:
+                raise _Refused(ProxyError.head_too_large(self._max_head))
+            if b"_" in name:
+                self._underscores = True
+
+    def _fields(self) -> list[tuple[str, str]]:
+        """The head's fields as text: latin-1 (obs-text round-trips byte for byte), trailing
+        whitespace removed, names with "_" handled per `headers_with_underscores`."""
+        raw = self._raw_headers
+        if self._underscores:
             policy = self._app.underscores()
-            if policy == "drop":
-                return
             if policy == "reject":
                 raise _Refused(ProxyError.bad_request("a header field name contains an underscore"))
-        self._raw_headers.append((name.decode("latin-1"), value.decode("latin-1")))
+            if policy == "drop":
+                raw = [(n, v) for n, v in raw if b"_" not in n]
+        return [(n.decode("latin-1"), v.rstrip(b" \t").decode("latin-1")) for n, v in raw]
 
     def on_headers_complete(self) -> None:
         req = self._parsing
@@ -737,7 +774,7 @@ class HttpConnection(asyncio.Protocol):
         if not target.startswith("/"):
             raise _Refused(ProxyError.bad_request("only origin-form request targets are accepted"))
         req.target = target
-        headers = req.headers = CIMultiDict(self._raw_headers)
+        headers = req.headers = CIMultiDict(self._fields())
         hosts = headers.getall("Host", ())
         if len(hosts) > 1:
             raise _Refused(ProxyError.bad_request("the request has more than one Host header"))

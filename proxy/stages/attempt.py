@@ -104,7 +104,7 @@ class AttemptStage(Stage):
                 headers,
                 body.payload(),
                 body.stream_length,
-                on_interim=getattr(call, "on_interim", None),
+                on_interim=call.on_interim,
             )
         except asyncio.CancelledError:
             if cutoff is None or not cutoff.fired or cutoff.task.uncancel() > 0:
@@ -133,8 +133,9 @@ class AttemptStage(Stage):
         wait = None
         if status in _SERVER_WAIT_STATUSES:
             wait = server_wait(status, response.headers, clock.wall())
-        attempt = Attempt.response(status, duration, wait)
-        call.record.attempts.append((attempt.result, duration, self.index))
+        result_kind = AttemptResult.STATUS if status >= 500 or status == 429 else AttemptResult.OK
+        attempt = Attempt(result_kind, status, False, duration, wait)  # = Attempt.response
+        call.record.attempts.append((result_kind, duration, self.index))
         if attempt.result is AttemptResult.STATUS and self.failures is not None:
             self.failures.failed(self.route, self.upstream, "status", f"status {status}")
         result = Result(response)

@@ -22,10 +22,11 @@ class BulkheadStage(Stage):
 
     async def __call__(self, call: Call) -> Result:
         bulkhead = self.bulkhead
-        time_left = None if call.deadline is None else call.deadline - self.clock.now()
-        if not await bulkhead.acquire(time_left):
-            call.record.bulkhead_rejected += 1
-            return Result(failure="bulkhead-full")
+        if not bulkhead.try_acquire():  # a free slot is taken without awaiting
+            time_left = None if call.deadline is None else call.deadline - self.clock.now()
+            if not await bulkhead.acquire(time_left):
+                call.record.bulkhead_rejected += 1
+                return Result(failure="bulkhead-full")
         try:
             assert self.next is not None
             result = await self.next(call)

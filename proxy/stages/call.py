@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from multidict import CIMultiDict
-
 from proxy.errors import ProxyError
 from proxy.observe.metrics import RequestRecord
 
@@ -19,7 +17,7 @@ if TYPE_CHECKING:
     from proxy.cache import EntryWriter, StaleHit
     from proxy.config.model import StaticFallback
     from proxy.resilience.classify import Attempt
-    from proxy.server.forwarding import HeaderPlan
+    from proxy.server.forwarding import HeaderList, HeaderPlan
     from proxy.upstream import UpstreamResponse
 
 
@@ -85,6 +83,7 @@ class RequestBody:
             if not chunk:
                 return
             yield chunk
+            del chunk  # not kept alive while the next one is awaited
 
 
 async def prepare_body(
@@ -143,7 +142,7 @@ class Call:
         self,
         method: str,
         path_qs: str,
-        make_headers: Callable[[], CIMultiDict[str]],
+        make_headers: Callable[[], HeaderList],
         request_headers: Any,
         body: RequestBody,
         record: RequestRecord,
@@ -152,7 +151,7 @@ class Call:
         self.method = method
         self.path_qs = path_qs  # the primary upstream's path and query, raw
         self._make_headers = make_headers  # the primary upstream's request headers
-        self._headers: CIMultiDict[str] | None = None
+        self._headers: HeaderList | None = None
         self.request_headers = request_headers  # as the client sent them
         self.body = body
         self.record = record
@@ -163,11 +162,11 @@ class Call:
         self.on_interim: Callable[[int, list[tuple[str, str]]], None] | None = None
         # Failover routes only: builds the request headers for another target from its
         # `HeaderPlan`, so each target gets its own Host and injected credentials.
-        self.for_target: Callable[[HeaderPlan], CIMultiDict[str]] | None = None
+        self.for_target: Callable[[HeaderPlan], HeaderList] | None = None
         # Set by the failover stage: (target index, reason) where the next attempt goes.
         self.hop: tuple[int, str] | None = None
 
-    def headers_for(self, plan: HeaderPlan) -> CIMultiDict[str]:
+    def headers_for(self, plan: HeaderPlan) -> HeaderList:
         """The request headers for a target other than the primary (built per attempt)."""
         build = self.for_target
         if build is None:
@@ -175,7 +174,7 @@ class Call:
         return build(plan)
 
     @property
-    def headers(self) -> CIMultiDict[str]:
+    def headers(self) -> HeaderList:
         """What is sent upstream; built on the first attempt, so a request that a breaker or
         bulkhead rejects never pays for it."""
         headers = self._headers

@@ -15,6 +15,7 @@ from proxy.observe.events import EventBus, RetryScheduled
 from proxy.resilience.backoff import backoff_delay
 from proxy.resilience.budget import RetryBudget
 from proxy.resilience.classify import (
+    AttemptResult,
     RetryDecision,
     decide_failover,
     decide_retry,
@@ -28,7 +29,7 @@ _REFUSALS = frozenset(("breaker-open", "quota"))  # nothing was sent
 
 
 class RetryStage(Stage):
-    __slots__ = ("budget", "bus", "clock", "policy", "rng", "route")
+    __slots__ = ("budget", "bus", "clock", "policy", "rng", "route", "statuses")
 
     def __init__(
         self,
@@ -47,6 +48,7 @@ class RetryStage(Stage):
         self.clock = clock
         self.rng = rng
         self.bus = bus
+        self.statuses = policy.on.statuses.statuses  # the `on` statuses, as a frozenset
 
     async def __call__(self, call: Call) -> Result:
         policy = self.policy
@@ -56,6 +58,13 @@ class RetryStage(Stage):
         while True:
             result = await self.next(call)
             outcome = result.attempt
+            if (
+                outcome is not None
+                and outcome.result is AttemptResult.OK
+                and result.failover is None
+                and outcome.status not in self.statuses
+            ):
+                return result  # the common case: an answer `on` does not name
             if outcome is None or result.failure in _NEVER_RETRIED or result.total_timeout:
                 if outcome is None and attempt > 1 and result.failure in _REFUSALS:
                     # The retry was refused before anything was sent (the breaker opened

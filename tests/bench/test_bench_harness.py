@@ -301,7 +301,11 @@ def test_memory_checks_against_the_issue_budgets() -> None:
             {"VmRSS": 50_000}, {"VmRSS": 70_000}, {"VmRSS": 78_000}, 1_000_000
         )
     }
-    assert found["idle RSS (100 routes)"].ok is True
+    idle = found["idle RSS (100 routes)"]
+    assert idle.ok is True
+    assert idle.value == "50,000 kB (48.8 MiB, 51.2 MB)" and idle.goal == "≤ 60,000 kB, /proc's unit"
+    over = run.memory_checks({"VmRSS": 60_001}, {}, {}, 0)
+    assert [c.ok for c in over] == [False]
     late = found["RSS after 1000000 requests vs after the first 10,000"]
     assert late.ok is False and late.value == "+11.4%"
 
@@ -309,8 +313,29 @@ def test_memory_checks_against_the_issue_budgets() -> None:
 def test_lua_scripts_render() -> None:
     upload = run.render(run.UPLOAD_LUA, {"size": run.UPLOAD_BYTES})
     assert 'wrk.method = "POST"' in upload and str(run.UPLOAD_BYTES) in upload
-    spread = run.render(run.SPREAD_LUA, {"routes": 100, "limit": 10_000})
+    spread = run.render(run.SPREAD_LUA, {"routes": 100, "limit": 10_000, "start": 20_000})
     assert "local limit = 10000" in spread and "wrk.thread:stop()" in spread
+    assert "local i = 20000" in spread
+
+
+def test_memory_rounds_last_what_the_remaining_requests_need() -> None:
+    # 10,000 at 5,000/s: 2 s + 20 % + 1 s, rounded up
+    assert run.round_seconds(10_000, 5_000.0) == 4
+    assert run.round_seconds(1_000_000, 5_000.0) == run.MEMORY_ROUND_SECONDS  # capped
+    assert run.round_seconds(10, 5_000.0) == 2  # never below 2 s
+    assert run.round_seconds(10_000, 0.0) == run.MEMORY_ROUND_SECONDS  # no rate known yet
+
+
+def test_spread_counts_rounds_and_takes_the_rate_only_from_full_length_rounds() -> None:
+    def wrk(requests: int, non2xx: int = 0, errors: int = 0) -> run.WrkResult:
+        return run.WrkResult(requests, 20.0, 0.0, 1.0, 1.0, 1.0, 1.0, non2xx, errors)
+
+    spread = run.Spread()
+    spread.add(wrk(10_003), 7, 10_000)  # stopped at its limit: says nothing of the rate
+    assert (spread.requests, spread.rate) == (10_003, run.MEMORY_RATE_GUESS)
+    spread.add(wrk(90_000, non2xx=3, errors=2), 20, 990_000)  # ran all 20 s
+    assert spread.rate == 4_500.0
+    assert (spread.requests, spread.unexpected, spread.rounds) == (100_003, 5, 2)
 
 
 def test_rss_growth_from_the_warm_up_baseline_and_sampled_peaks() -> None:
