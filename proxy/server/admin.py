@@ -33,6 +33,7 @@ from proxy.pgprobe import ProberSet
 from proxy.resilience.bulkhead import Bulkhead
 from proxy.server.runtime import Registry, Runtime
 from proxy.state import StateBackend
+from proxy.version import compiled
 
 
 class AdminContext(Protocol):
@@ -295,6 +296,7 @@ def status_document(app: AdminContext) -> dict[str, Any]:
         )
     return {
         "version": __version__,
+        "compiled": compiled(),  # the request path as compiled modules (setup.py)
         "config": {
             "hash": config.hash,
             "source": config.source,
