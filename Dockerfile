@@ -12,21 +12,18 @@
 # warning at start.
 #
 # Stage 1 downloads the locked dependency wheels (requirements.lock: every version pinned,
-# every file checked against its sha256) and builds the project's own wheel, with its
-# request-path modules compiled by Cython (setup.py; the full Debian image has the C
-# compiler); stage 2 installs exactly those wheels (no compiler, no source tree, no index
-# access) into a virtualenv, checking the hashes again.
-# The base tags are pinned; pin them by digest too (python:3.11.11-slim-bookworm@sha256:...)
-# when you mirror the image. Both are the same CPython build on the same Debian release,
-# so the compiled wheel runs in the slim one.
+# every file checked against its sha256) and builds the project's own wheel; stage 2 installs
+# exactly those wheels (no compiler, no source tree, no index access) into a virtualenv,
+# checking the hashes again.
+# The base tag is pinned; pin it by digest too (python:3.11.11-slim-bookworm@sha256:...)
+# when you mirror the image.
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
-ARG BUILDER_IMAGE=python:3.11.11-bookworm
 
-FROM ${BUILDER_IMAGE} AS builder
+FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 WORKDIR /src
-COPY requirements.lock pyproject.toml setup.py README.md ./
+COPY requirements.lock pyproject.toml README.md ./
 COPY proxy ./proxy
 RUN python -m pip download --require-hashes --only-binary=:all: --dest /wheels \
       -r requirements.lock \

@@ -1,15 +1,12 @@
 # Two entry points: `make run` serves the shipped config, `make test` runs every check.
 # Both create the virtualenv and install what they need on first use: `make run` only the
-# runtime (requirements.lock, hash-checked, and the package, its request path compiled by
-# Cython: setup.py), `make test` the dev tools too.
+# runtime (requirements.lock, hash-checked, and the package), `make test` the dev tools too.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 RUN_STAMP := $(VENV)/.installed-run
 STAMP  := $(VENV)/.installed
-BUILD_STAMP := $(VENV)/.built
-SOURCES := $(shell find proxy -name '*.py')
 CONFIG ?= config/proxy.yaml
 
 .PHONY: run test lint typecheck unit check bench clean sysdeps lock
@@ -22,36 +19,28 @@ $(BIN)/python:
 $(RUN_STAMP): pyproject.toml requirements.lock | $(BIN)/python
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q --require-hashes -r requirements.lock
-	$(PIP) install -q 'Cython>=3.1,<4' 'setuptools>=68' wheel
-	RESILIENCE_PROXY_PURE=1 $(PIP) install -q --no-deps --no-build-isolation -e .
-	@touch $@
-
-# The request-path modules compiled in place by Cython (setup.py), next to their sources;
-# redone when a source changes, and only for the modules that changed. Without a C compiler
-# the proxy runs as pure Python, which behaves the same, slower.
-$(BUILD_STAMP): $(SOURCES) setup.py | $(RUN_STAMP)
-	$(BIN)/python setup.py -q build_ext --inplace
+	$(PIP) install -q --no-deps -e .
 	@touch $@
 
 # What the checks need on top: the dev extras (pytest, ruff, mypy, the provider SDKs, ...).
 $(STAMP): $(RUN_STAMP)
-	RESILIENCE_PROXY_PURE=1 $(PIP) install -q --no-build-isolation -e '.[dev]'
+	$(PIP) install -q -e '.[dev]'
 	@touch $@
 
-run: $(BUILD_STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/resilience-proxy run --config $(CONFIG)
 
-check: $(BUILD_STAMP)
+check: $(RUN_STAMP)
 	$(BIN)/resilience-proxy check --config $(CONFIG)
 
 lint: $(STAMP)
-	$(BIN)/ruff check proxy tests bench setup.py
+	$(BIN)/ruff check proxy tests bench
 	$(BIN)/ruff format --check proxy
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP) $(BUILD_STAMP)
+unit: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # System tools some tests need (chromium, promtool, nginx, wrk); installed when missing.
@@ -77,4 +66,3 @@ lock:
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info test-artifacts
-	find proxy -name '*.so' -delete

@@ -26,17 +26,6 @@ def version_info() -> tuple[str, str]:
     return __version__, _git_revision(Path(__file__).resolve().parent.parent)
 
 
-def compiled() -> bool:
-    """Whether the request path runs as Cython-compiled modules (setup.py), not as the
-    pure-Python source (a build without a C compiler, or RESILIENCE_PROXY_PURE=1)."""
-    import importlib.machinery
-
-    from proxy.server import protocol
-
-    origin = protocol.__file__ or ""
-    return origin.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
-
-
 def version_text() -> str:
     """What `resilience-proxy --version` prints: `0.1.0 (rev abc1234)`, or `0.1.0`."""
     release, revision = version_info()

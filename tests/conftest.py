@@ -13,25 +13,6 @@ import trustme
 from tests.support.proxy import RunningProxy, start_proxy
 from tests.support.upstream import ScriptedUpstream
 
-PACKAGE = Path(__file__).resolve().parents[1] / "proxy"
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """Refuse to test a compiled module older than its source: Python imports the
-    compiled one, so the tests would run code that is no longer in the tree."""
-    stale = [
-        so.relative_to(PACKAGE.parent).as_posix()
-        for so in PACKAGE.rglob("*.so")
-        if (source := so.parent / (so.name.split(".")[0] + ".py")).exists()
-        and source.stat().st_mtime > so.stat().st_mtime
-    ]
-    if stale:
-        raise pytest.UsageError(
-            f"compiled modules older than their source: {', '.join(stale)}; "
-            "rebuild them (`make unit`, or `.venv/bin/python setup.py build_ext --inplace`) "
-            "or delete them to test the pure-Python source"
-        )
-
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[ScriptedUpstream]:

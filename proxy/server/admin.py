@@ -33,7 +33,6 @@ from proxy.pgprobe import ProberSet
 from proxy.resilience.bulkhead import Bulkhead
 from proxy.server.runtime import Registry, Runtime
 from proxy.state import StateBackend
-from proxy.version import compiled
 
 
 class AdminContext(Protocol):
@@ -296,7 +295,6 @@ def status_document(app: AdminContext) -> dict[str, Any]:
         )
     return {
         "version": __version__,
-        "compiled": compiled(),  # the request path as compiled modules (setup.py)
         "config": {
             "hash": config.hash,
             "source": config.source,

@@ -39,7 +39,6 @@ from proxy.server.protocol import ProxyListener
 from proxy.server.runtime import Registry, Runtime, compile_runtime
 from proxy.state import StateBackend, make_backend
 from proxy.state.sharing import BreakerSharing
-from proxy.version import compiled
 
 WATCH_INTERVAL = 2.0  # seconds between config file content checks
 STATE_DEBOUNCE = 0.05  # seconds: transitions within this window are written once
@@ -155,7 +154,6 @@ class ProxyApp:
         log.info(
             "started",
             version=__version__,
-            compiled=compiled(),  # the request path as compiled modules (setup.py)
             listen=f"{config.listen_host}:{config.listen_port}",
             admin=f"{config.admin.host}:{config.admin.port}",
             routes=len(config.routes),

@@ -30,15 +30,8 @@ def test_serving_installs_only_the_locked_runtime(target: str, tmp_path: Path) -
     commands = dry_run(target, tmp_path / "venv")
     installs = [c for c in commands if " pip install" in c]
     assert any("--require-hashes -r requirements.lock" in c for c in installs), commands
-    assert any("--no-deps" in c and c.endswith(" -e .") for c in installs), commands
+    assert any("--no-deps -e ." in c for c in installs), commands
     assert not [c for c in installs if "[dev]" in c], "make run must not install dev tools"
-    # Beyond the lock: pip itself and the build tools that compile the request path.
-    others = [c for c in installs if "requirements.lock" not in c and " -e " not in c]
-    assert [c.split(" install -q ")[1] for c in others] == [
-        "--upgrade pip",
-        "'Cython>=3.1,<4' 'setuptools>=68' wheel",
-    ], others
-    assert any("setup.py -q build_ext --inplace" in c for c in commands), commands
     assert commands[-1].endswith(f"resilience-proxy {target} --config config/proxy.yaml")
 
 
@@ -50,10 +43,4 @@ def test_checks_install_the_dev_tools_on_a_fresh_machine(target: str, tmp_path: 
     assert any("-e '.[dev]'" in c for c in installs), commands
     # Separate stamps: a served venv is not taken for a dev one, and vice versa.
     touched = [c.split()[-1] for c in commands if c.startswith("touch ")]
-    # The compiled request path (.built) is redone when a source changes, on its own stamp.
-    assert touched == [
-        str(tmp_path / "venv" / name) for name in (".installed-run", ".installed", ".built")
-    ][: len(touched)] and len(touched) >= 2, touched
-    if target in ("unit", "test"):
-        assert touched[-1] == str(tmp_path / "venv" / ".built"), touched
-        assert any("setup.py -q build_ext --inplace" in c for c in commands), commands
+    assert touched == [str(tmp_path / "venv" / ".installed-run"), str(tmp_path / "venv" / ".installed")]
