@@ -566,13 +566,9 @@ class UpstreamClient:
 
     # -- pool ------------------------------------------------------------------------------
     async def _acquire(self) -> _Connection:
-        idle = self._idle
-        while idle:
-            conn = idle.pop()
-            conn.pooled = False
-            if conn.alive and conn.keep_alive:
-                return conn
-            self._discard(conn)
+        conn = self._take_idle()
+        if conn is not None:
+            return conn
         while self._open >= self.upstream.max_connections:
             fut: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
             self._waiters.append(fut)
