@@ -251,7 +251,6 @@ class _Connection(asyncio.Protocol):
         self._raw: list[tuple[bytes, bytes]] = []
         self._reason = b""
         self._head_bytes = 0  # bytes received before the final head completed
-        self._field_bytes = 0  # header bytes of the current head
         self._tail = b""  # the last bytes fed, to see where a HEAD response's head ended
 
     # -- asyncio.Protocol --------------------------------------------------------------------
@@ -326,19 +325,22 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._raw = []
         self._reason = b""
-        self._field_bytes = 0
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # Once per field: only kept. The head's size is checked when it completes, and
+        # after each read while it is incomplete (`data_received`), so one read (at most
+        # uvloop's 256 KiB) bounds what a head can hold before it is refused.
         self._raw.append((name, value))
-        self._field_bytes += len(name) + len(value)
-        if self._field_bytes > MAX_HEAD_BYTES:
-            self._fail_head(f"bad response framing: head larger than {MAX_HEAD_BYTES} bytes")
-            raise _StopParsing
 
     def on_headers_complete(self) -> None:
+        if self._head_bytes > MAX_HEAD_BYTES:
+            # The reads so far could hold a head that is too large: measure this one.
+            if sum([len(n) + len(v) for n, v in self._raw]) > MAX_HEAD_BYTES:
+                self._fail_head(f"bad response framing: head larger than {MAX_HEAD_BYTES} bytes")
+                raise _StopParsing
         parser = self.parser
         status = parser.get_status_code()
         if status < 200:

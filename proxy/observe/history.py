@@ -63,7 +63,12 @@ class RouteHistory:
         self._latency: list[list[int] | None] = [None] * SLOTS
         self.transitions: deque[tuple[float, str, str]] = deque(maxlen=MAX_TRANSITIONS)
 
-    def _slot(self, now: float) -> int:
+    def add(self, now: float, outcome: str, duration: float) -> None:
+        """One finished request: its outcome and its duration in seconds."""
+        self.add_in(now, outcome, bisect_left(BOUNDS, duration))
+
+    def add_in(self, now: float, outcome: str, bucket: int) -> None:
+        """`add` with the duration's bucket on `BOUNDS` already found (the metrics did)."""
         n = int(now // SLOT_SECONDS)
         i = n % SLOTS
         if self._tags[i] != n:
@@ -71,16 +76,11 @@ class RouteHistory:
             self._requests[i] = 0
             self._failures[i] = None
             self._latency[i] = None
-        return i
-
-    def add(self, now: float, outcome: str, duration: float) -> None:
-        """One finished request: its outcome and its duration in seconds."""
-        i = self._slot(now)
         self._requests[i] += 1
         latency = self._latency[i]
         if latency is None:
             latency = self._latency[i] = [0] * (len(BOUNDS) + 1)
-        latency[bisect_left(BOUNDS, duration)] += 1
+        latency[bucket] += 1
         if outcome not in _NOT_FAILURES:
             failures = self._failures[i]
             if failures is None:

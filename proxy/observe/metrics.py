@@ -611,7 +611,16 @@ class Metrics:
 class RouteMetrics:
     """The counts of one (route, upstream), bound once when a config is compiled."""
 
-    __slots__ = ("history", "recent", "route", "route_counts", "target", "targets", "upstream")
+    __slots__ = (
+        "history",
+        "recent",
+        "recent_requests",
+        "route",
+        "route_counts",
+        "target",
+        "targets",
+        "upstream",
+    )
 
     def __init__(
         self, m: Metrics, route: str, upstream: str, failover: tuple[str, ...] = ()
@@ -624,26 +633,56 @@ class RouteMetrics:
         self.targets = (self.target, *(m.target_counts(route, name) for name in failover))
         # requests, retries, fallbacks and failures in the last minute, by name
         self.recent = m.recent_for(route)
+        self.recent_requests = self.recent["requests"]
         self.history = m.history_for(route)
 
     def observe(self, rec: RequestRecord, duration: float, retry_enabled: bool, now: float) -> None:
+        """One finished request. The common case (one attempt, no retry, no refusal) is
+        counted inline: this runs once per request."""
         counts = self.route_counts
         outcome = rec.outcome
+        code = rec.code
         # arbitrary client methods must not grow the label set: OTHER
         method = rec.method if rec.method in STANDARD_METHODS else "OTHER"
-        key = (method, rec.code, outcome)
+        key = (method, code, outcome)
         requests = counts.requests
         requests[key] = requests.get(key, 0) + 1
-        counts.duration.observe(duration)
+        bucket = bisect_left(DURATION_BUCKETS, duration)  # le: value <= bound
+        histogram = counts.duration
+        histogram.counts[bucket] += 1
+        histogram.sum += duration
         attempts = rec.attempts
         if attempts:
             targets = self.targets
             for result, seconds, index in attempts:
                 target = targets[index]
                 target.attempts[result] += 1
-                target.duration.observe(seconds)
+                histogram = target.duration
+                histogram.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
+                histogram.sum += seconds
+            if retry_enabled:
+                ok = outcome in _GOOD_OUTCOMES and code < 500
+                if len(attempts) > 1:
+                    kind = "successful_with_retry" if ok else "failed_with_retry"
+                else:
+                    kind = "successful_without_retry" if ok else "failed_without_retry"
+                counts.retry_kinds[kind] += 1
+        self.recent_requests.add(now)
+        if (
+            outcome != "ok"
+            or code == 429
+            or rec.retries
+            or rec.budget_exhausted
+            or rec.rate_limited is not None
+            or rec.breaker_rejected
+            or rec.bulkhead_rejected
+        ):
+            self._uncommon(rec, outcome, now)
+        self.history.add_in(now, outcome, bucket)
+
+    def _uncommon(self, rec: RequestRecord, outcome: str, now: float) -> None:
+        counts = self.route_counts
         recent = self.recent
-        recent["requests"].add(now)
         if rec.retries:
             recent["retries"].add(now, len(rec.retries))
             retries = counts.retries
@@ -655,13 +694,6 @@ class RouteMetrics:
                 counts.fallback_stale += 1
             elif outcome == "fallback-static":
                 counts.fallback_static += 1
-        if retry_enabled and attempts:
-            ok = outcome in _GOOD_OUTCOMES and rec.code < 500
-            if len(attempts) > 1:
-                kind = "successful_with_retry" if ok else "failed_with_retry"
-            else:
-                kind = "successful_without_retry" if ok else "failed_without_retry"
-            counts.retry_kinds[kind] += 1
         if rec.budget_exhausted:
             counts.budget_exhausted += 1
         source = rec.rate_limited
@@ -673,7 +705,6 @@ class RouteMetrics:
             self.targets[rec.target].breaker_rejected += rec.breaker_rejected
         if rec.bulkhead_rejected:
             self.targets[rec.target].bulkhead_rejected += rec.bulkhead_rejected
-        self.history.add(now, outcome, duration)
 
 
 def observe_unrouted(m: Metrics, method: str, code: int, outcome: str, duration: float) -> None:

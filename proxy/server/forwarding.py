@@ -167,7 +167,29 @@ def build_upstream_headers(
 # Response fields the head builder looks at (lower-case bytes): dropped (hop-by-hop, and
 # Content-Length, which the listener frames itself), rewritten, or noted.
 _HOP_BY_HOP_B = frozenset(name.encode() for name in HOP_BY_HOP)
-_SPECIAL_B = _HOP_BY_HOP_B | {b"content-length", b"location", b"link", b"date"}
+_COPY, _DATE, _LENGTH, _LOCATION, _LINK, _CONNECTION, _DROP = range(7)
+_KINDS_B = {
+    b"date": _DATE,
+    b"content-length": _LENGTH,
+    b"location": _LOCATION,
+    b"link": _LINK,
+    b"connection": _CONNECTION,
+}
+# Field name as received -> its kind: an upstream sends the same few names in the same
+# spelling on every answer, so the name is looked up instead of lower-cased and compared.
+# Bounded like the other parse memos (emptied when full; names up to 64 bytes).
+_kind_memo: dict[bytes, int] = {}
+_KIND_MEMO_MAX = 1024
+
+
+def _kind(name: bytes) -> int:
+    lname = name.lower()
+    kind = _KINDS_B.get(lname, _DROP if lname in _HOP_BY_HOP_B else _COPY)
+    if len(name) <= 64:
+        if len(_kind_memo) >= _KIND_MEMO_MAX:
+            _kind_memo.clear()
+        _kind_memo[name] = kind
+    return kind
 
 
 def client_head_lines(
@@ -183,27 +205,29 @@ def client_head_lines(
     length: str | None = None
     has_date = False
     named: list[bytes] | None = None  # Connection's tokens, when it names other fields
-    special = _SPECIAL_B
+    memo = _kind_memo
     for name, value in raw:
-        lname = name.lower()
-        if lname not in special:
+        kind = memo.get(name)
+        if kind is None:
+            kind = _kind(name)
+        if kind == _COPY:
             out += (name, b": ", value, b"\r\n")
-        elif lname == b"date":
+        elif kind == _DATE:
             has_date = True
             out += (name, b": ", value, b"\r\n")
-        elif lname == b"content-length":
+        elif kind == _LENGTH:
             if length is None:
                 length = value.decode("latin-1")
-        elif lname == b"location":
+        elif kind == _LOCATION:
             text = rewrite_location(value.decode("latin-1"), route)
             out += (name, b": ", _encode(text), b"\r\n")
-        elif lname == b"link":
+        elif kind == _LINK:
             text = value.decode("latin-1")
             if route.upstream.url in text:
                 origin = f"{client.scheme}://{client.host}" if client is not None else ""
                 text = rewrite_link(text, route, origin)
             out += (name, b": ", _encode(text), b"\r\n")
-        elif lname == b"connection":
+        elif kind == _CONNECTION:
             tokens = [t.strip().lower() for t in value.split(b",")]
             extra = [t for t in tokens if t and t != b"close" and t not in _HOP_BY_HOP_B]
             if extra:

@@ -196,6 +196,7 @@ class ProxyHandler:
                 record,
                 None,
             )
+            call.task = req.task
             if not req.http10:
                 call.on_interim = req.relay_interim
             if rt.failover:  # each target builds its own headers (Host, credentials)

@@ -280,6 +280,7 @@ class Request:
         "method",
         "started",
         "target",
+        "task",
         "version",
     )
 
@@ -302,6 +303,7 @@ class Request:
         self.head_sent = False
         self.done = False
         self.bytes_out = 0
+        self.task: asyncio.Task[None] | None = None  # the task answering it, once started
         self._chunked_out = False
         self._closing = False
 
@@ -467,10 +469,9 @@ class HttpConnection(asyncio.Protocol):
         self._in_head = False
         self._url = b""
         self._raw_headers: list[tuple[bytes, bytes]] = []
-        self._underscores = False  # a field name of this head contains "_"
-        self._head_size = 0
         self._max_head = 0  # max_header_bytes of the request being parsed
-        self._raw_head = 0
+        self._raw_head = 0  # bytes of earlier reads that the head being parsed spans
+        self._chunk = 0  # bytes of the read being parsed
         # Requests whose head arrived, oldest first; the first is the one being handled.
         self._queue: deque[Request] = deque()
         self._task: asyncio.Task[None] | None = None
@@ -602,6 +603,7 @@ class HttpConnection(asyncio.Protocol):
         if self._dead or self.closing:
             return
         self._idle_since = -1.0  # busy (the idle timer checks this)
+        self._chunk = len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -621,7 +623,9 @@ class HttpConnection(asyncio.Protocol):
             # Part of a head arrived but not all of it: from now on it has a deadline (a
             # head that arrives whole, the common case, never arms a timer).
             self._raw_head += len(data)
-            if self._raw_head > 2 * self._limits.max_header_bytes + 65536:
+            if self._raw_head > self._max_head and (
+                self._raw_head > 2 * self._max_head + 65536 or self._head_size() > self._max_head
+            ):
                 self._refuse(ProxyError.head_too_large(self._limits.max_header_bytes))
                 return
             if self._head_timer is None:
@@ -712,42 +716,45 @@ class HttpConnection(asyncio.Protocol):
         self._in_head = True
         self._url = b""
         self._raw_headers = []
-        self._underscores = False
-        self._head_size = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._head_size += len(url) + 16
-        if self._head_size > self._max_head:
+        if len(self._url) + 16 > self._max_head:
             raise _Refused(ProxyError.head_too_large(self._max_head))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # Called once per field: only what must happen while parsing (the size limit);
-        # the rest is done for the whole head in on_headers_complete.
+        # Called once per field: only kept. The size limit is checked for the whole head
+        # when it completes, and after each read while it is incomplete; what the fields
+        # say, in on_headers_complete.
         if self._in_head:  # else a trailer field: dropped (Trailer is hop-by-hop)
             self._raw_headers.append((name, value))
-            self._head_size += len(name) + len(value) + 4
-            if self._head_size > self._max_head:
-                raise _Refused(ProxyError.head_too_large(self._max_head))
-            if b"_" in name:
-                self._underscores = True
 
-    def _fields(self) -> list[tuple[str, str]]:
+    def _head_size(self) -> int:
+        """The head's size so far as max_header_bytes counts it: the target plus 16 for the
+        request line, each field plus 4 (": " and CRLF)."""
+        return len(self._url) + 16 + sum([len(n) + len(v) + 4 for n, v in self._raw_headers])
+
+    def _headers(self) -> CIMultiDict[str]:
         """The head's fields as text: latin-1 (obs-text round-trips byte for byte), trailing
         whitespace removed, names with "_" handled per `headers_with_underscores`."""
-        raw = self._raw_headers
-        if self._underscores:
+        fields = [
+            (n.decode("latin-1"), v.rstrip(b" \t").decode("latin-1")) for n, v in self._raw_headers
+        ]
+        headers: CIMultiDict[str] = CIMultiDict(fields)
+        if "_" in "".join(headers.keys()):  # one pass in C over the names
             policy = self._app.underscores()
             if policy == "reject":
                 raise _Refused(ProxyError.bad_request("a header field name contains an underscore"))
             if policy == "drop":
-                raw = [(n, v) for n, v in raw if b"_" not in n]
-        return [(n.decode("latin-1"), v.rstrip(b" \t").decode("latin-1")) for n, v in raw]
+                headers = CIMultiDict([(n, v) for n, v in fields if "_" not in n])
+        return headers
 
     def on_headers_complete(self) -> None:
         req = self._parsing
         assert req is not None
         self._in_head = False
+        if self._raw_head + self._chunk > self._max_head and self._head_size() > self._max_head:
+            raise _Refused(ProxyError.head_too_large(self._max_head))  # (the reads could hold it)
         self._raw_head = 0
         if self._head_timer is not None:
             self._head_timer.cancel()
@@ -774,7 +781,7 @@ class HttpConnection(asyncio.Protocol):
         if not target.startswith("/"):
             raise _Refused(ProxyError.bad_request("only origin-form request targets are accepted"))
         req.target = target
-        headers = req.headers = CIMultiDict(self._fields())
+        headers = req.headers = self._headers()
         hosts = headers.getall("Host", ())
         if len(hosts) > 1:
             raise _Refused(ProxyError.bad_request("the request has more than one Host header"))
@@ -833,7 +840,7 @@ class HttpConnection(asyncio.Protocol):
     def _start(self, req: Request) -> None:
         req.started = True
         self._idle_since = -1.0
-        self._task = self._loop.create_task(self._run(req))
+        self._task = req.task = self._loop.create_task(self._run(req))
 
     async def _run(self, req: Request) -> None:
         try:

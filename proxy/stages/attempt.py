@@ -1,9 +1,10 @@
 """The innermost stage: one upstream attempt, bounded by the attempt timeout.
 
-The attempt deadline is `min(now + per_try, call.deadline)`: one timer per attempt serves
-both the per-try and the total timeout; which one fired decides `total_timeout`. The timer
-is a bare `call_later` that cancels the task (what `asyncio.timeout` does, without its
-per-use bookkeeping): this runs once per proxied request.
+The attempt deadline is `min(now + per_try, call.deadline)`: one cut-off per attempt serves
+both the per-try and the total timeout; which one fired decides `total_timeout`. The
+cut-off cancels the task (what `asyncio.timeout` does, without its per-use bookkeeping),
+and is an entry in the loop's `Deadlines` rather than a timer of its own: this runs once
+per proxied request.
 
 Every failed attempt (connect failure, reset, timeout, a 5xx or 429) is reported to the
 `FailureLog` with its cause (`ECONNREFUSED`, `timeout after 2.00s`, `status 503`), which
@@ -21,6 +22,7 @@ from proxy.observe.causes import FailureLog, cause_of
 from proxy.resilience.backoff import server_wait
 from proxy.resilience.classify import Attempt, AttemptResult
 from proxy.stages.call import Call, Result, Stage
+from proxy.stages.deadlines import Cutoff, deadlines
 from proxy.upstream import UpstreamClient, UpstreamFailure
 
 if TYPE_CHECKING:
@@ -86,11 +88,13 @@ class AttemptStage(Stage):
                 return Result(failure="timeout", total_timeout=True)
         client = self.client
         client.in_flight += 1
-        cutoff: _Cutoff | None = None
-        handle: asyncio.TimerHandle | None = None
+        cutoff: Cutoff | None = None
         if limit is not None:
-            cutoff = _Cutoff()
-            handle = asyncio.get_running_loop().call_later(limit, cutoff.fire)
+            task = call.task
+            if task is None:
+                task = call.task = asyncio.current_task()
+                assert task is not None
+            cutoff = deadlines(task.get_loop()).arm(task, limit)
         try:
             body = call.body
             plan = self.plan
@@ -126,8 +130,8 @@ class AttemptStage(Stage):
             return _failed(call, exc.kind, duration, exc.before_request, False, self.index)
         finally:
             client.in_flight -= 1
-            if handle is not None:
-                handle.cancel()
+            if cutoff is not None:
+                cutoff.disarm()
         duration = clock.now() - start
         status = response.status
         wait = None
@@ -141,22 +145,6 @@ class AttemptStage(Stage):
         result = Result(response)
         result.attempt = attempt
         return result
-
-
-class _Cutoff:
-    """Cancels the attempt's task when its deadline passes, and remembers that it did."""
-
-    __slots__ = ("fired", "task")
-
-    def __init__(self) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.task = task
-        self.fired = False
-
-    def fire(self) -> None:
-        self.fired = True
-        self.task.cancel()
 
 
 def _bad_status(call: Call, duration: float, index: int) -> Result:

@@ -7,6 +7,7 @@ Cancellation (the client went away) is the one thing that propagates as an excep
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -136,6 +137,7 @@ class Call:
         "path_qs",
         "record",
         "request_headers",
+        "task",
     )
 
     def __init__(
@@ -165,6 +167,8 @@ class Call:
         self.for_target: Callable[[HeaderPlan], HeaderList] | None = None
         # Set by the failover stage: (target index, reason) where the next attempt goes.
         self.hop: tuple[int, str] | None = None
+        # The request's task (what an attempt's deadline cancels); None: the current task.
+        self.task: asyncio.Task[Any] | None = None
 
     def headers_for(self, plan: HeaderPlan) -> HeaderList:
         """The request headers for a target other than the primary (built per attempt)."""

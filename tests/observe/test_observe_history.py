@@ -88,3 +88,11 @@ def test_a_lazily_noticed_half_open_stays_open_on_the_timeline() -> None:
     clock.advance(3 * SLOT_SECONDS)
     timeline = metrics.history["r"].snapshot(clock.now(), clock.wall(), "open")["breaker"]
     assert timeline[-10:] == ["open"] * 10 and "half_open" not in timeline
+
+
+def test_the_history_buckets_are_the_metric_buckets() -> None:
+    """The metrics hand the history the bucket they found for a duration (`add_in`)."""
+    from proxy.observe.history import BOUNDS
+    from proxy.observe.metrics import DURATION_BUCKETS
+
+    assert BOUNDS == DURATION_BUCKETS
