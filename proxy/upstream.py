@@ -71,9 +71,10 @@ _HEAD_END = b"\r\n\r\n"
 _ERRNO = re.compile(r"\[Errno (\d+)\]")
 
 Body = bytes | AsyncIterator[bytes] | None
-# Request headers: a multidict, or (name, value) pairs in order (what the proxy passes:
-# no framing field among them, and never changed here).
-RequestHeaders = CIMultiDict[str] | list[tuple[str, str]]
+# Request headers: a multidict, or (name, value) pairs in order, or header lines already
+# serialised (bytes, CRLF-ended: what the proxy passes, with no framing field and no
+# Authorization the URL's userinfo replaces). Never changed here.
+RequestHeaders = CIMultiDict[str] | list[tuple[str, str]] | bytes
 InterimHook = Callable[[int, list[tuple[str, str]]], Awaitable[None] | None]
 
 
@@ -748,6 +749,9 @@ class UpstreamClient:
             return True
         if method in _IDEMPOTENT:
             return True
+        if isinstance(headers, bytes):
+            lines = b"\r\n" + headers.lower()
+            return any(b"\r\n" + name.encode() + b":" in lines for name in _IDEMPOTENCY_NAMES)
         if isinstance(headers, list):
             return any(n.lower() in _IDEMPOTENCY_NAMES for n, _ in headers)
         return any(name in headers for name in _IDEMPOTENCY_HEADERS)
@@ -769,6 +773,12 @@ class UpstreamClient:
         else:
             framing = "Transfer-Encoding: chunked\r\n\r\n"
         auth = self._auth
+        if isinstance(headers, bytes):
+            parts_b = [_encode_part(f"{method} {target} HTTP/1.1\r\n"), headers]
+            if auth is not None:
+                parts_b.append(f"Authorization: {auth}\r\n".encode("latin-1"))
+            parts_b.append(framing.encode("latin-1"))
+            return b"".join(parts_b)
         if isinstance(headers, CIMultiDict) or auth is not None:
             # Set here, from the body (and the URL's userinfo), whatever the caller passed.
             drop = _FRAMING_FIELDS if auth is None else _FRAMING_FIELDS_AUTH

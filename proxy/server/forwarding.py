@@ -7,7 +7,7 @@ compiled (`UpstreamHeaders`); the per-request functions only filter and append.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from multidict import CIMultiDict
@@ -84,6 +84,8 @@ _NO_PEER_SET = frozenset(("x-forwarded-proto", "x-forwarded-host"))
 # The request headers sent upstream: (name, value) pairs in order (what `UpstreamClient.send`
 # serialises; it adds the framing fields itself).
 HeaderList = list[tuple[str, str]]
+# Or, as `upstream_header_block` makes them, already serialised (bytes, CRLF-ended lines).
+OutgoingHeaders = bytes | HeaderList
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,12 +99,26 @@ class HeaderPlan:
     request_id: bool  # send a generated X-Request-Id
     # `skip` plus the X-Forwarded-* fields the proxy sets itself (when `forwarded`)
     skip_forwarded: frozenset[str] = frozenset()
+    # What every request to this upstream ends with, serialised once: Host, the injected
+    # fields, Via (`upstream_header_block`).
+    tail: bytes = b""
+    # Per skip set in use (see `_skips`): field name as the client spelled it -> kept?
+    # Bounded like the other memos; only names up to 64 bytes are remembered.
+    keep: tuple[dict[bytes, bool], ...] = field(
+        default_factory=lambda: tuple({} for _ in range(6)), compare=False, repr=False
+    )
 
     @classmethod
     def for_upstream(cls, upstream: Upstream) -> HeaderPlan:
         # Content-Length is recomputed by the upstream client from the body it sends.
         skip = HOP_BY_HOP | {"host", "expect", "content-length"}
         skip |= {name for name, _ in upstream.headers}
+        if upstream.userinfo and "authorization" not in skip:
+            skip |= {"authorization"}  # the upstream client sends the URL's userinfo instead
+        # Injected names are lower-case and their values UTF-8 bytes read as latin-1, so
+        # the latin-1 encoding below gives back the bytes the config meant.
+        lines = [("Host", upstream.host), *upstream.headers, ("Via", VIA_VALUE)]
+        tail = "".join(f"{name}: {value}\r\n" for name, value in lines)
         return cls(
             skip,
             upstream.headers,
@@ -110,6 +126,7 @@ class HeaderPlan:
             upstream.forwarded_headers,
             upstream.request_id,
             skip | _FORWARDED_SET,
+            tail.encode("latin-1", "replace"),
         )
 
 
@@ -162,6 +179,75 @@ def build_upstream_headers(
         elif "X-Forwarded-Host" in incoming:
             out.append(("X-Forwarded-Host", incoming["X-Forwarded-Host"]))
     return out
+
+
+_KEEP_MEMO_MAX = 512
+
+
+def upstream_header_block(
+    raw: list[tuple[bytes, bytes]],
+    incoming: CIMultiDict[str],
+    plan: HeaderPlan,
+    client: ClientInfo,
+    generated_id: str | None = None,
+) -> OutgoingHeaders:
+    """`build_upstream_headers` as the serialised header lines (bytes, CRLF-ended, without
+    framing), built from the client's fields as received (`raw`, bytes) so each kept field
+    is copied byte for byte with no decoding; `incoming` is the decoded view of the same
+    fields. Which names are kept is remembered per plan. A `Connection` header that names
+    other fields (rare) takes the general path and returns its `HeaderList`."""
+    forwarded = plan.forwarded
+    client_ip = client.remote if forwarded else None
+    send_id = generated_id is not None and plan.request_id
+    if "Connection" in incoming and not connection_tokens(incoming) <= HOP_BY_HOP:
+        return build_upstream_headers(incoming, plan, client, generated_id)
+    variant = (0 if not forwarded else 1 if client_ip else 2) + (3 if send_id else 0)
+    memo = plan.keep[variant]
+    out: list[bytes] = []
+    for name, value in raw:
+        keep = memo.get(name)
+        if keep is None:
+            keep = _keeps(plan, variant, name)
+        if keep:
+            out += (name, b": ", value.rstrip(b" \t"), b"\r\n")
+    out.append(plan.tail)
+    if send_id:
+        assert generated_id is not None
+        out.append(f"X-Request-Id: {generated_id}\r\n".encode("latin-1"))
+    if forwarded:
+        lines = ""
+        if client_ip:
+            prior = incoming.get("X-Forwarded-For")
+            lines = f"X-Forwarded-For: {f'{prior}, {client_ip}' if prior else client_ip}\r\n"
+        lines += f"X-Forwarded-Proto: {client.scheme}\r\n"
+        client_host = client.host
+        if client_host:
+            lines += f"X-Forwarded-Host: {client_host}\r\n"
+        elif "X-Forwarded-Host" in incoming:
+            lines += f"X-Forwarded-Host: {incoming['X-Forwarded-Host']}\r\n"
+        out.append(lines.encode("latin-1", "replace"))
+    return b"".join(out)
+
+
+def _keeps(plan: HeaderPlan, variant: int, name: bytes) -> bool:
+    """Whether a client field of this name goes upstream, under one of the plan's six skip
+    sets (forwarded or not, with or without a peer address; our own X-Request-Id or not):
+    the rule of `build_upstream_headers`, remembered."""
+    forwarded = variant % 3 != 0
+    skip = (plan.skip, plan.skip_forwarded, plan.skip | _NO_PEER_SET)[variant % 3]
+    lname = name.decode("latin-1").lower()
+    keep = lname not in skip and not (variant >= 3 and lname == "x-request-id")
+    if keep and lname.startswith("x-"):
+        keep = not (
+            lname.startswith("x-resilience-")
+            or (not forwarded and lname.startswith("x-forwarded-"))
+        )
+    if len(name) <= 64:
+        memo = plan.keep[variant]
+        if len(memo) >= _KEEP_MEMO_MAX:
+            memo.clear()
+        memo[name] = keep
+    return keep
 
 
 # Response fields the head builder looks at (lower-case bytes): dropped (hop-by-hop, and

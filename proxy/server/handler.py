@@ -34,10 +34,10 @@ from proxy.headers import VIA_VALUE
 from proxy.observe.access import client_request_id, new_request_id, trace_id
 from proxy.observe.metrics import Metrics, RequestRecord, observe_unrouted
 from proxy.server.forwarding import (
-    build_upstream_headers,
     client_head_lines,
     split_target,
     stored_head_lines,
+    upstream_header_block,
 )
 from proxy.server.protocol import Request, encode_head
 from proxy.server.runtime import RouteRuntime, Runtime
@@ -185,7 +185,8 @@ class ProxyHandler:
                 req.method,
                 path_qs,
                 partial(
-                    build_upstream_headers,
+                    upstream_header_block,
+                    req.raw_headers,
                     incoming,
                     rt.header_plan,
                     req,
@@ -201,7 +202,8 @@ class ProxyHandler:
                 call.on_interim = req.relay_interim
             if rt.failover:  # each target builds its own headers (Host, credentials)
                 call.for_target = partial(
-                    build_upstream_headers,
+                    upstream_header_block,
+                    req.raw_headers,
                     incoming,
                     client=req,
                     generated_id=None if client_id is not None else rid,

@@ -278,6 +278,7 @@ class Request:
         "keep_alive",
         "limits",
         "method",
+        "raw_headers",
         "started",
         "target",
         "task",
@@ -291,6 +292,8 @@ class Request:
         self.target = ""
         self.version = "1.1"
         self.headers: CIMultiDict[str] = CIMultiDict()
+        # The same fields as received (bytes, in order): what is forwarded, byte for byte.
+        self.raw_headers: list[tuple[bytes, bytes]] = []
         self.host = ""
         self.keep_alive = False
         self.content_length: int | None = None
@@ -747,6 +750,7 @@ class HttpConnection(asyncio.Protocol):
                 raise _Refused(ProxyError.bad_request("a header field name contains an underscore"))
             if policy == "drop":
                 headers = CIMultiDict([(n, v) for n, v in fields if "_" not in n])
+                self._raw_headers = [(n, v) for n, v in self._raw_headers if b"_" not in n]
         return headers
 
     def on_headers_complete(self) -> None:
@@ -782,6 +786,7 @@ class HttpConnection(asyncio.Protocol):
             raise _Refused(ProxyError.bad_request("only origin-form request targets are accepted"))
         req.target = target
         headers = req.headers = self._headers()
+        req.raw_headers = self._raw_headers
         hosts = headers.getall("Host", ())
         if len(hosts) > 1:
             raise _Refused(ProxyError.bad_request("the request has more than one Host header"))

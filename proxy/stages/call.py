@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from proxy.cache import EntryWriter, StaleHit
     from proxy.config.model import StaticFallback
     from proxy.resilience.classify import Attempt
-    from proxy.server.forwarding import HeaderList, HeaderPlan
+    from proxy.server.forwarding import HeaderPlan, OutgoingHeaders
     from proxy.upstream import UpstreamResponse
 
 
@@ -144,7 +144,7 @@ class Call:
         self,
         method: str,
         path_qs: str,
-        make_headers: Callable[[], HeaderList],
+        make_headers: Callable[[], OutgoingHeaders],
         request_headers: Any,
         body: RequestBody,
         record: RequestRecord,
@@ -153,7 +153,7 @@ class Call:
         self.method = method
         self.path_qs = path_qs  # the primary upstream's path and query, raw
         self._make_headers = make_headers  # the primary upstream's request headers
-        self._headers: HeaderList | None = None
+        self._headers: OutgoingHeaders | None = None
         self.request_headers = request_headers  # as the client sent them
         self.body = body
         self.record = record
@@ -164,13 +164,13 @@ class Call:
         self.on_interim: Callable[[int, list[tuple[str, str]]], None] | None = None
         # Failover routes only: builds the request headers for another target from its
         # `HeaderPlan`, so each target gets its own Host and injected credentials.
-        self.for_target: Callable[[HeaderPlan], HeaderList] | None = None
+        self.for_target: Callable[[HeaderPlan], OutgoingHeaders] | None = None
         # Set by the failover stage: (target index, reason) where the next attempt goes.
         self.hop: tuple[int, str] | None = None
         # The request's task (what an attempt's deadline cancels); None: the current task.
         self.task: asyncio.Task[Any] | None = None
 
-    def headers_for(self, plan: HeaderPlan) -> HeaderList:
+    def headers_for(self, plan: HeaderPlan) -> OutgoingHeaders:
         """The request headers for a target other than the primary (built per attempt)."""
         build = self.for_target
         if build is None:
@@ -178,7 +178,7 @@ class Call:
         return build(plan)
 
     @property
-    def headers(self) -> HeaderList:
+    def headers(self) -> OutgoingHeaders:
         """What is sent upstream; built on the first attempt, so a request that a breaker or
         bulkhead rejects never pays for it."""
         headers = self._headers
