@@ -54,6 +54,17 @@ MEMO_MAX = 256
 MEMO_VALUE_MAX = 512
 
 T = TypeVar("T")
+K = TypeVar("K", str, bytes)
+
+
+def remember(memo: dict[K, T], key: K, value: T) -> T:
+    """Keep `value` under `key` in a memo bounded as above (keys up to MEMO_VALUE_MAX long,
+    emptied when it holds MEMO_MAX); returns `value`."""
+    if len(key) <= MEMO_VALUE_MAX:
+        if len(memo) >= MEMO_MAX:
+            memo.clear()
+        memo[key] = value
+    return value
 
 
 class FieldMemo(dict[str, T]):

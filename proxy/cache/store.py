@@ -681,12 +681,7 @@ _NO_CC = rules.NO_RESPONSE_DIRECTIVES
 
 
 def _learn_kind(name: bytes) -> int:
-    kind = _FIELD_KINDS.get(name.lower(), 0)
-    if len(name) <= rules.MEMO_VALUE_MAX:
-        if len(_kind_memo) >= rules.MEMO_MAX:
-            _kind_memo.clear()
-        _kind_memo[name] = kind
-    return kind
+    return rules.remember(_kind_memo, name, _FIELD_KINDS.get(name.lower(), 0))
 
 
 class RouteKeys:

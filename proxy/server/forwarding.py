@@ -12,6 +12,7 @@ from typing import Protocol
 
 from multidict import CIMultiDict
 
+from proxy.cache.rules import remember
 from proxy.config.model import Route, Upstream
 from proxy.errors import ProxyError
 from proxy.headers import HOP_BY_HOP, VIA_VALUE
@@ -102,8 +103,7 @@ class HeaderPlan:
     # What every request to this upstream ends with, serialised once: Host, the injected
     # fields, Via (`upstream_header_block`).
     tail: bytes = b""
-    # Per skip set in use (see `_skips`): field name as the client spelled it -> kept?
-    # Bounded like the other memos; only names up to 64 bytes are remembered.
+    # Per skip set in use (see `_keeps`): field name as the client spelled it -> kept?
     keep: tuple[dict[bytes, bool], ...] = field(
         default_factory=lambda: tuple({} for _ in range(6)), compare=False, repr=False
     )
@@ -140,28 +140,17 @@ def build_upstream_headers(
     request ID the proxy made up (the client sent none), sent where the upstream wants it."""
     forwarded = plan.forwarded
     client_ip = client.remote if forwarded else None
-    if forwarded:
-        # Set by the proxy below; a client's X-Forwarded-For is kept only when the proxy
-        # has no peer address to append.
-        skip = plan.skip_forwarded if client_ip else plan.skip | _NO_PEER_SET
-    else:
-        skip = plan.skip
+    skip = _skip_set(plan, client_ip)
     send_id = generated_id is not None and plan.request_id
     if send_id or "Connection" in incoming:
         skip = skip | connection_tokens(incoming)
         if send_id:
             skip = skip | {"x-request-id"}  # the client's was unusable: ours replaces it
-    out: HeaderList = []
-    for name, value in incoming.items():
-        lname = name.lower()
-        if lname in skip:
-            continue
-        if lname.startswith("x-") and (
-            lname.startswith("x-resilience-")
-            or (not forwarded and lname.startswith("x-forwarded-"))
-        ):
-            continue
-        out.append((name, value))
+    out: HeaderList = [
+        (name, value)
+        for name, value in incoming.items()
+        if _forwards(name.lower(), skip, forwarded)
+    ]
     out.append(("Host", plan.host))
     out += plan.injected
     out.append(("Via", VIA_VALUE))
@@ -169,19 +158,43 @@ def build_upstream_headers(
         assert generated_id is not None
         out.append(("X-Request-Id", generated_id))
     if forwarded:
-        if client_ip:
-            prior = incoming.get("X-Forwarded-For")
-            out.append(("X-Forwarded-For", f"{prior}, {client_ip}" if prior else client_ip))
-        out.append(("X-Forwarded-Proto", client.scheme))
-        client_host = client.host
-        if client_host:
-            out.append(("X-Forwarded-Host", client_host))
-        elif "X-Forwarded-Host" in incoming:
-            out.append(("X-Forwarded-Host", incoming["X-Forwarded-Host"]))
+        out += _forwarded_fields(incoming, client, client_ip)
     return out
 
 
-_KEEP_MEMO_MAX = 512
+def _skip_set(plan: HeaderPlan, client_ip: str | None) -> frozenset[str]:
+    """The names never copied from the client: with `forwarded_headers`, also the
+    X-Forwarded-* fields the proxy sets (a client's X-Forwarded-For is kept only when the
+    proxy has no peer address to append)."""
+    if not plan.forwarded:
+        return plan.skip
+    return plan.skip_forwarded if client_ip else plan.skip | _NO_PEER_SET
+
+
+def _forwards(lname: str, skip: frozenset[str], forwarded: bool) -> bool:
+    """Whether a client field (lower-case name) goes upstream."""
+    if lname in skip:
+        return False
+    return not lname.startswith("x-") or not (
+        lname.startswith("x-resilience-") or (not forwarded and lname.startswith("x-forwarded-"))
+    )
+
+
+def _forwarded_fields(
+    incoming: CIMultiDict[str], client: ClientInfo, client_ip: str | None
+) -> HeaderList:
+    """X-Forwarded-For, -Proto and -Host, as the proxy sets them."""
+    out: HeaderList = []
+    if client_ip:
+        prior = incoming.get("X-Forwarded-For")
+        out.append(("X-Forwarded-For", f"{prior}, {client_ip}" if prior else client_ip))
+    out.append(("X-Forwarded-Proto", client.scheme))
+    client_host = client.host
+    if client_host:
+        out.append(("X-Forwarded-Host", client_host))
+    elif "X-Forwarded-Host" in incoming:
+        out.append(("X-Forwarded-Host", incoming["X-Forwarded-Host"]))
+    return out
 
 
 def upstream_header_block(
@@ -207,7 +220,7 @@ def upstream_header_block(
     for name, value in raw:
         keep = memo.get(name)
         if keep is None:
-            keep = _keeps(plan, variant, name)
+            keep = _keeps(plan, variant, name, client_ip)
         if keep:
             out += (name, b": ", value.rstrip(b" \t"), b"\r\n")
     out.append(plan.tail)
@@ -215,39 +228,20 @@ def upstream_header_block(
         assert generated_id is not None
         out.append(f"X-Request-Id: {generated_id}\r\n".encode("latin-1"))
     if forwarded:
-        lines = ""
-        if client_ip:
-            prior = incoming.get("X-Forwarded-For")
-            lines = f"X-Forwarded-For: {f'{prior}, {client_ip}' if prior else client_ip}\r\n"
-        lines += f"X-Forwarded-Proto: {client.scheme}\r\n"
-        client_host = client.host
-        if client_host:
-            lines += f"X-Forwarded-Host: {client_host}\r\n"
-        elif "X-Forwarded-Host" in incoming:
-            lines += f"X-Forwarded-Host: {incoming['X-Forwarded-Host']}\r\n"
+        lines = "".join(f"{n}: {v}\r\n" for n, v in _forwarded_fields(incoming, client, client_ip))
         out.append(lines.encode("latin-1", "replace"))
     return b"".join(out)
 
 
-def _keeps(plan: HeaderPlan, variant: int, name: bytes) -> bool:
-    """Whether a client field of this name goes upstream, under one of the plan's six skip
-    sets (forwarded or not, with or without a peer address; our own X-Request-Id or not):
-    the rule of `build_upstream_headers`, remembered."""
-    forwarded = variant % 3 != 0
-    skip = (plan.skip, plan.skip_forwarded, plan.skip | _NO_PEER_SET)[variant % 3]
+def _keeps(plan: HeaderPlan, variant: int, name: bytes, client_ip: str | None) -> bool:
+    """`_forwards` for a client field name as received, under the request's skip set (one
+    of the plan's six `variant`s: forwarded or not, with or without a peer address, our
+    own X-Request-Id or not), remembered for that variant."""
     lname = name.decode("latin-1").lower()
-    keep = lname not in skip and not (variant >= 3 and lname == "x-request-id")
-    if keep and lname.startswith("x-"):
-        keep = not (
-            lname.startswith("x-resilience-")
-            or (not forwarded and lname.startswith("x-forwarded-"))
-        )
-    if len(name) <= 64:
-        memo = plan.keep[variant]
-        if len(memo) >= _KEEP_MEMO_MAX:
-            memo.clear()
-        memo[name] = keep
-    return keep
+    keep = _forwards(lname, _skip_set(plan, client_ip), plan.forwarded) and not (
+        variant >= 3 and lname == "x-request-id"
+    )
+    return remember(plan.keep[variant], name, keep)
 
 
 # Response fields the head builder looks at (lower-case bytes): dropped (hop-by-hop, and
@@ -263,19 +257,13 @@ _KINDS_B = {
 }
 # Field name as received -> its kind: an upstream sends the same few names in the same
 # spelling on every answer, so the name is looked up instead of lower-cased and compared.
-# Bounded like the other parse memos (emptied when full; names up to 64 bytes).
 _kind_memo: dict[bytes, int] = {}
-_KIND_MEMO_MAX = 1024
 
 
 def _kind(name: bytes) -> int:
     lname = name.lower()
     kind = _KINDS_B.get(lname, _DROP if lname in _HOP_BY_HOP_B else _COPY)
-    if len(name) <= 64:
-        if len(_kind_memo) >= _KIND_MEMO_MAX:
-            _kind_memo.clear()
-        _kind_memo[name] = kind
-    return kind
+    return remember(_kind_memo, name, kind)
 
 
 def client_head_lines(

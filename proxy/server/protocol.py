@@ -281,7 +281,6 @@ class Request:
         "raw_headers",
         "started",
         "target",
-        "task",
         "version",
     )
 
@@ -306,7 +305,6 @@ class Request:
         self.head_sent = False
         self.done = False
         self.bytes_out = 0
-        self.task: asyncio.Task[None] | None = None  # the task answering it, once started
         self._chunked_out = False
         self._closing = False
 
@@ -318,6 +316,12 @@ class Request:
     @property
     def scheme(self) -> str:
         return "http"
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The task answering this request, while the handler runs (requests on a
+        connection are answered one at a time)."""
+        return self._conn._task
 
     @property
     def http10(self) -> bool:
@@ -845,7 +849,7 @@ class HttpConnection(asyncio.Protocol):
     def _start(self, req: Request) -> None:
         req.started = True
         self._idle_since = -1.0
-        self._task = req.task = self._loop.create_task(self._run(req))
+        self._task = self._loop.create_task(self._run(req))
 
     async def _run(self, req: Request) -> None:
         try:
